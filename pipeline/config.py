@@ -1,0 +1,288 @@
+"""Typed run configuration: YAML files in `configs/`, dotted command-line overrides, one validation pass.
+
+Every entry point loads its config through `load_config`, which
+  1. reads the YAML file (unknown keys are errors, never silently ignored),
+  2. applies overrides such as `optim.lr=1e-4` or `data.sources=[...]` (values parsed as YAML),
+  3. validates the result, raising `ConfigError` with one line naming the key and what to do.
+Validation needs no process group, so a wrong config fails before anything is launched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in a config file or override; the message is one line."""
+
+
+@dataclass
+class VisionConfig:
+    # Hub id or local directory of an HF `CLIPVisionModel` (with its `CLIPImageProcessor`).
+    model: str = "openai/clip-vit-large-patch14"
+    # Hidden state the resampler reads. -2 (the penultimate layer, as LLaVA and AnyMAL's reference code use)
+    # keeps patch-level detail that the last layer trades away for the contrastive CLS objective.
+    feature_layer: int = -2
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class ResamplerConfig:
+    num_latents: int = 64
+    depth: int = 6
+    heads: int = 16
+    head_dim: int = 64
+    # Inner width; null means the vision width (1024 for ViT-L/14, ~80M parameters). The public
+    # reference code runs at 4096, which makes a 1.6B-parameter connector.
+    width: int | None = None
+    ff_mult: int = 4
+
+
+@dataclass
+class LLMConfig:
+    model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    dtype: str = "bfloat16"
+    # "sdpa", "eager", or "flash_attention_2" (only when flash-attn is installed).
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    # Caption tokens kept per sample (EOS included); longer captions are truncated.
+    max_caption_tokens: int = 64
+
+
+@dataclass
+class SourceConfig:
+    # Brace-expanded shard spec, e.g. "/data/laion/{00000..41407}.tar"; local paths may also use globs.
+    shards: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Held-out shards for validation loss and sample captions; optional.
+    val_shards: str = ""
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 2000
+    # Cosine decay from lr to lr * min_lr_ratio over the remaining steps.
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 2048
+    micro_batch_size: int = 32
+    max_steps: int = 100_000
+    # DeepSpeed JSON; batch sizes, optimizer, scheduler and clipping are filled in from this config.
+    deepspeed_config: str = "ds_configs/zero2.json"
+    # "bfloat16" or "float32" (fp32 is for CPU tests that compare updates exactly).
+    precision: str = "bfloat16"
+    seed: int = 1234
+    distributed_backend: str = "nccl"
+    save_every_steps: int = 1000
+    keep_last_checkpoints: int = 3
+    log_every_steps: int = 10
+    # Stop (with a checkpoint) after this many steps without ending the schedule; 0 = run to max_steps.
+    stop_after_steps: int = 0
+    # Validation loss on data.val_shards every this many steps (0 = never), over at most eval_batches batches.
+    eval_every_steps: int = 0
+    eval_batches: int = 50
+
+
+@dataclass
+class LoggingConfig:
+    wandb_project: str = "anymal"
+    wandb_run_name: str = ""
+    # "auto" = online if WANDB_API_KEY is set, else offline; "disabled" turns wandb off.
+    wandb_mode: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/stage1"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _build(cls, raw, where: str):
+    """Turn plain YAML data into dataclass `cls`, naming the dotted key of any unknown or mistyped value."""
+    hints = typing.get_type_hints(cls)
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(names))}")
+    values = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name) for name, value in raw.items()}
+    return cls(**values)
+
+
+def _coerce(hint, value, where: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"'{where}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"'{where}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"'{where}' must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key.subkey=value")
+    key, text = override.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{override}': value is not valid YAML ({err.problem})") from None
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when `path` is None), apply dotted overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass one from configs/, e.g. configs/toy.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    for override in overrides:
+        _apply_override(raw, override)
+    config = _build(RunConfig, raw, "")
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need no process group and no files beyond the config itself."""
+    train, optim, model = config.train, config.optim, config.model
+    for key, value in (
+        ("train.global_batch_size", train.global_batch_size),
+        ("train.micro_batch_size", train.micro_batch_size),
+        ("train.max_steps", train.max_steps),
+        ("model.max_caption_tokens", model.max_caption_tokens),
+        ("model.resampler.num_latents", model.resampler.num_latents),
+        ("train.save_every_steps", train.save_every_steps),
+        ("train.keep_last_checkpoints", train.keep_last_checkpoints),
+    ):
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be positive, got {value}")
+    if train.global_batch_size % train.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={train.micro_batch_size}; pick sizes that divide"
+        )
+    if optim.lr <= 0:
+        raise ConfigError(f"'optim.lr' must be positive, got {optim.lr}")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise ConfigError(f"'optim.min_lr_ratio' must be in [0, 1], got {optim.min_lr_ratio}")
+    for key, value in (
+        ("model.vision.dtype", model.vision.dtype),
+        ("model.llm.dtype", model.llm.dtype),
+        ("train.precision", train.precision),
+    ):
+        if value not in DTYPES:
+            raise ConfigError(f"'{key}' must be one of {', '.join(DTYPES)}, got '{value}'")
+    if train.precision not in ("bfloat16", "float32"):
+        raise ConfigError(f"'train.precision' must be bfloat16 or float32, got '{train.precision}'")
+    if model.llm.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flex_attention"):
+        raise ConfigError(
+            f"'model.llm.attn_implementation' must be sdpa, eager, flex_attention or flash_attention_2, "
+            f"got '{model.llm.attn_implementation}'"
+        )
+    if not config.data.sources:
+        raise ConfigError("'data.sources' is empty; give at least one shard spec, e.g. data.sources=[{shards: ...}]")
+    for i, source in enumerate(config.data.sources):
+        if not source.shards:
+            raise ConfigError(f"'data.sources[{i}].shards' is empty; give a shard spec like /data/{{00000..00099}}.tar")
+        if source.weight <= 0:
+            raise ConfigError(f"'data.sources[{i}].weight' must be positive, got {source.weight}")
+    if config.data.num_workers < 0:
+        raise ConfigError(f"'data.num_workers' must be >= 0, got {config.data.num_workers}")
+    if config.logging.wandb_mode not in ("auto", "online", "offline", "disabled"):
+        raise ConfigError(
+            f"'logging.wandb_mode' must be auto, online, offline or disabled, got '{config.logging.wandb_mode}'"
+        )
+
+
+def gradient_accumulation_steps(config: RunConfig, world_size: int) -> int:
+    """Accumulation derived from global batch, micro batch and world size; never configured separately."""
+    per_step = config.train.micro_batch_size * world_size
+    if config.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={config.train.global_batch_size} is not divisible by "
+            f"micro_batch_size ({config.train.micro_batch_size}) x world size ({world_size}) = {per_step}; "
+            "change the global or micro batch size"
+        )
+    return config.train.global_batch_size // per_step
+
+
+def to_dict(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,43 @@
+"""Builds the training and validation loaders of a run from its config (the only place data meets the config)."""
+
+from __future__ import annotations
+
+from pipeline.config import RunConfig
+from pipeline.data.captions import CaptionDecoder, collate_captions, iterate_eval_batches
+from pipeline.data.shards import expand_shards
+from pipeline.data.stream import ShardLoader
+
+
+def caption_decoder(config: RunConfig) -> CaptionDecoder:
+    return CaptionDecoder(config.model.vision.model, config.model.llm.model, config.model.max_caption_tokens)
+
+
+def build_caption_loader(config: RunConfig, dist_env, state: dict | None) -> ShardLoader:
+    data = config.data
+    return ShardLoader(
+        [(source.shards, source.weight) for source in data.sources],
+        caption_decoder(config),
+        collate_captions,
+        micro_batch_size=config.train.micro_batch_size,
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=data.seed,
+        rank=dist_env.rank,
+        world_size=dist_env.world_size,
+        state=state,
+    )
+
+
+def build_val_batches(config: RunConfig, dist_env):
+    """A callable giving a fresh pass over the held-out shards, or None when the config names none."""
+    if not config.data.val_shards:
+        return None
+    shards = expand_shards(config.data.val_shards, "data.val_shards")
+    decoder = caption_decoder(config)
+
+    def batches():
+        return iterate_eval_batches(
+            shards, decoder, collate_captions, config.train.micro_batch_size, dist_env.rank, dist_env.world_size
+        )
+
+    return batches

@@ -1,0 +1,1 @@
+"""Training: process groups, the DeepSpeed loop, checkpoints, metrics and export."""

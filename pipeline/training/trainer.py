@@ -1,0 +1,306 @@
+"""The training loop: the one place that knows DeepSpeed.
+
+It owns engine initialisation, the optimizer step with token-normalised loss, checkpoints and exact resume,
+validation, preemption signals, logging and the final export. Model and data code know nothing of the engine.
+
+Loss normalisation: the loss of a step is the mean over every supervised token of the global batch, whatever the
+micro-batch split and world size (the mistake discussed in transformers issue #35203 is averaging per micro batch).
+Before the first micro batch of a step, the supervised-token count of all the step's micro batches on all ranks is
+all-reduced; each micro batch then back-propagates sum_loss * world_size / global_tokens. DeepSpeed averages
+gradients over ranks, so the update is exactly that of sum-over-global-batch / global_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import RunConfig, gradient_accumulation_steps, to_dict
+from pipeline.training import checkpoint as ckpt
+from pipeline.training.export import export_resampler
+from pipeline.training.metrics import MetricsLogger, peak_tflops, step_flops, wandb_mode
+
+log = logging.getLogger(__name__)
+
+# Keys in the DeepSpeed JSON that this trainer fills in from the run config; a JSON value other than "auto" for
+# one of them would silently disagree with the config, so it is an error.
+MANAGED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                   "gradient_clipping", "optimizer", "scheduler")
+
+
+def deepspeed_config(config: RunConfig, world_size: int) -> dict:
+    path = Path(config.train.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed_config '{path}' does not exist; use ds_configs/zero2.json")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    for key in MANAGED_DS_KEYS:
+        if key in ds and ds[key] != "auto":
+            raise ValueError(f"{path} sets '{key}'; batch sizes, optimizer, scheduler and clipping come from the "
+                             "run config, so set it to \"auto\" or remove it")
+    accumulation = gradient_accumulation_steps(config, world_size)
+    ds.update(
+        train_batch_size=config.train.global_batch_size,
+        train_micro_batch_size_per_gpu=config.train.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        gradient_clipping=config.optim.grad_clip,
+        zero_allow_untested_optimizer=True,
+    )
+    for key in ("optimizer", "scheduler"):
+        ds.pop(key, None)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": config.train.precision == "bfloat16"}
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def lr_lambda(config: RunConfig):
+    warmup, total, floor = config.optim.warmup_steps, config.train.max_steps, config.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and the latents; leave biases and norm gains alone."""
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class StopSignal:
+    """Turns SIGUSR1 (SLURM's pre-timeout warning) and SIGTERM (preemption) into a checkpoint-and-exit request."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, model, make_loader, dist_env, device: torch.device, val_batches=None):
+        """`make_loader(state)` builds this rank's training loader, from a saved position or from the start."""
+        import deepspeed
+
+        self.config, self.model, self.make_loader = config, model, make_loader
+        self.loader = None
+        self.dist_env, self.device = dist_env, device
+        self.val_batches = val_batches
+        self.run_dir = Path(config.run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.accumulation = gradient_accumulation_steps(config, dist_env.world_size)
+        self.trainable = model.freeze_for_stage1()
+        optimizer = torch.optim.AdamW(
+            param_groups(model.resampler, config.optim.weight_decay),
+            lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model.resampler, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(config, dist_env.world_size), dist_init_required=False,
+        )
+        self.step = 0
+        self.samples_seen = 0
+        self.wandb_id = None
+        self.stop_signal = StopSignal()
+        self._flop_counts = (
+            sum(p.numel() for p in model.llm.parameters()),
+            self.trainable,
+            sum(p.numel() for p in model.vision.parameters()) if model.vision is not None else 0,
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+
+    def maybe_resume(self) -> bool:
+        """Continue from the newest complete checkpoint in the run directory, if any; builds the loader."""
+        path = ckpt.latest_complete(self.checkpoint_dir)
+        if path is None:
+            self.loader = self.make_loader(None)
+            return False
+        trainer_state, rank_state = ckpt.load_checkpoint(self.engine, path, self.dist_env.rank)
+        self.step = trainer_state["step"]
+        self.samples_seen = trainer_state["samples_seen"]
+        self.wandb_id = trainer_state.get("wandb_id")
+        self.loader = self.make_loader(rank_state["loader"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def save(self) -> None:
+        trainer_state = {"step": self.step, "samples_seen": self.samples_seen, "wandb_id": self.wandb_id}
+        ckpt.save_checkpoint(
+            self.engine, self.checkpoint_dir, self.step, {"loader": self.loader.state_dict()}, trainer_state,
+            self.dist_env.rank, self.config.train.keep_last_checkpoints,
+        )
+
+    # -- the step ----------------------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this rank's micro batches; returns step statistics (global sums)."""
+        local = torch.zeros(3, dtype=torch.float64)
+        for batch in micro_batches:
+            lengths = batch["caption_lengths"]
+            local[0] += lengths.sum()
+            local[1] += lengths.numel()
+        totals = local.to(self.device)
+        dist.all_reduce(totals)
+        global_tokens = totals[0].item()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        world = self.dist_env.world_size
+        for batch in micro_batches:
+            batch = self._to_device(batch)
+            micro_loss, _ = self.model.caption_loss(batch, resampler=self.engine)
+            self.engine.backward(micro_loss * (world / global_tokens), scale_wrt_gas=False)
+            self.engine.step()
+            loss_sum += micro_loss.detach().double()
+        dist.all_reduce(loss_sum)
+        samples = int(totals[1].item())
+        prefix_tokens = samples * (1 + self.model.resampler.num_latents)
+        return {"loss": loss_sum.item() / global_tokens, "caption_tokens": global_tokens, "samples": samples,
+                "llm_tokens": global_tokens + prefix_tokens}
+
+    def _next_micro_batches(self, data_iter) -> tuple[list[dict], float]:
+        start = time.perf_counter()
+        batches = [next(data_iter) for _ in range(self.accumulation)]
+        return batches, time.perf_counter() - start
+
+    # -- validation --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if self.val_batches is None:
+            return None
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for index, batch in enumerate(self.val_batches()):
+            if index >= self.config.train.eval_batches:
+                break
+            loss, tokens = self.model.caption_loss(self._to_device(batch), resampler=self.engine)
+            totals[0] += loss.double()
+            totals[1] += tokens.double()
+        dist.all_reduce(totals)
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    def fit(self, metrics: MetricsLogger) -> str:
+        """Train until max_steps, stop_after_steps or a stop signal. Returns why it stopped."""
+        cfg = self.config.train
+        world = self.dist_env.world_size
+        peak = peak_tflops()
+        data_iter = iter(self.loader)
+        window = {"time": 0.0, "data_wait": 0.0, "samples": 0, "llm_tokens": 0.0, "steps": 0}
+        step_started = time.perf_counter()
+        while self.step < cfg.max_steps:
+            micro_batches, data_wait = self._next_micro_batches(data_iter)
+            stats = self.train_step(micro_batches)
+            self.step += 1
+            self.samples_seen += stats["samples"]
+            now = time.perf_counter()
+            window["time"] += now - step_started
+            step_started = now
+            window["data_wait"] += data_wait
+            window["samples"] += stats["samples"]
+            window["llm_tokens"] += stats["llm_tokens"]
+            window["steps"] += 1
+            if self.step % cfg.log_every_steps == 0 or self.step == 1:
+                metrics.log(self.step, self._step_metrics(stats, window, world, peak))
+                window = dict.fromkeys(window, 0)
+            if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0:
+                val_loss = self.validate()
+                if val_loss is not None:
+                    metrics.log(self.step, {"val/loss": val_loss})
+            stop = self._agreed_stop_signal()
+            if stop or self.step % cfg.save_every_steps == 0 or self.step == cfg.max_steps or (
+                cfg.stop_after_steps and self.step >= cfg.stop_after_steps
+            ):
+                self.save()
+            if stop:
+                return f"signal {stop}"
+            if cfg.stop_after_steps and self.step >= cfg.stop_after_steps:
+                return "stop_after_steps"
+        return "max_steps"
+
+    def _agreed_stop_signal(self) -> int:
+        """All ranks agree on a stop request, so they checkpoint together whichever rank got the signal."""
+        flag = torch.tensor([self.stop_signal.received or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _step_metrics(self, stats: dict, window: dict, world: int, peak: float | None) -> dict:
+        seconds = max(window["time"], 1e-9)
+        n_llm, n_res, n_vis = self._flop_counts
+        latents = self.model.resampler.num_latents
+        vision_tokens = 0
+        if self.model.vision is not None:
+            vision_tokens = (self.model.vision.clip.config.image_size // self.model.vision.clip.config.patch_size) ** 2 + 1
+        flops = step_flops(n_llm, n_res, n_vis, window["llm_tokens"], window["samples"], latents, vision_tokens)
+        out = {
+            "loss": stats["loss"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": _grad_norm(self.engine),
+            "samples_per_s": window["samples"] / seconds,
+            "tokens_per_s": window["llm_tokens"] / seconds,
+            "samples_per_s_per_gpu": window["samples"] / seconds / world,
+            "data_wait_frac": window["data_wait"] / seconds,
+            "skipped": sum(self._skip_counts().values()),
+            "peak_mem_gb": _peak_memory_gb(),
+        }
+        if peak:
+            out["mfu"] = flops / seconds / (world * peak * 1e12)
+        return out
+
+    def _skip_counts(self) -> dict:
+        counts = self.loader.skip_counts()
+        names = sorted(counts)
+        values = torch.tensor([float(counts[n]) for n in names], dtype=torch.float64, device=self.device)
+        if names:
+            dist.all_reduce(values)
+        return dict(zip(names, values.tolist()))
+
+    def export(self, model_config: dict) -> Path | None:
+        if not self.dist_env.is_main:
+            return None
+        return export_resampler(self.engine.module, self.run_dir / "export", model_config, self.step)
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def make_metrics_logger(config: RunConfig, is_main: bool, resume_id: str | None) -> MetricsLogger:
+    settings = {
+        "project": config.logging.wandb_project,
+        "name": config.logging.wandb_run_name,
+        "mode": wandb_mode(config.logging.wandb_mode),
+    }
+    return MetricsLogger(Path(config.run_dir), is_main, settings, to_dict(config), resume_id)

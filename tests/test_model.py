@@ -1,0 +1,45 @@
+"""Model shapes on the real 8B recipe (meta device, no weights) and the caption label layout."""
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from pipeline.config import load_config
+from pipeline.model.anymal import IGNORE_INDEX, build_resampler, caption_sequence
+from pipeline.model.reference import CLIP_VIT_L14, llama3_8b_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_real_recipe_shapes_on_meta_device():
+    """Must-show (e): 8.03B LLM parameters; the resampler maps [B,257,1024] to [B,64,4096]."""
+    config = load_config(ROOT / "configs/stage1_8b.yaml")
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(llama3_8b_config())
+        resampler = build_resampler(config.model, CLIP_VIT_L14["hidden_size"], llm.config.hidden_size)
+        prefix = resampler(torch.empty(2, 257, 1024))
+    n_llm = sum(p.numel() for p in llm.parameters())
+    assert round(n_llm / 1e9, 2) == 8.03, n_llm
+    assert tuple(prefix.shape) == (2, 64, 4096)
+    n_resampler = sum(p.numel() for p in resampler.parameters())
+    # Inner width 1024 by default: ~80M, not the 1.6B of a 4096-wide connector.
+    assert 70e6 < n_resampler < 90e6, n_resampler
+
+
+def test_only_caption_tokens_and_eos_carry_labels():
+    """Must-show (f): BOS and the image prefix are never supervised; each caption token and its EOS is."""
+    bos, eos, pad, latents = 1, 2, 0, 4
+    captions = [[5, 6, eos], [7, eos], [8, 9, 10, 11, eos]]
+    ids = torch.tensor([t for c in captions for t in c])
+    lengths = torch.tensor([len(c) for c in captions])
+    seq = caption_sequence(ids, lengths, latents, bos, pad)
+    start = 1 + latents
+    for row, caption in enumerate(captions):
+        assert seq.input_ids[row, 0] == bos
+        supervised = seq.labels[row][seq.labels[row] != IGNORE_INDEX].tolist()
+        assert supervised == caption  # caption tokens then EOS, in order, nothing else
+        assert (seq.labels[row, :start] == IGNORE_INDEX).all()
+        assert seq.labels[row, start : start + len(caption)].tolist() == caption
+        assert seq.attention_mask[row].sum() == start + len(caption)
+    assert seq.input_ids.shape[1] == start + 5
