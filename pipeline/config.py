@@ -110,6 +110,8 @@ class TrainConfig:
     # Validation loss on data.val_shards every this many steps (0 = never), over at most eval_batches batches.
     eval_every_steps: int = 0
     eval_batches: int = 50
+    # Append every step's sample keys to <run_dir>/logs/keys_rank_<r>.jsonl (data audits, resume checks).
+    record_sample_keys: bool = False
 
 
 @dataclass
@@ -166,7 +168,7 @@ def _coerce(hint, value, where: str):
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"'{where}' must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):

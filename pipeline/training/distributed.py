@@ -52,7 +52,9 @@ def init_distributed(backend: str, timeout_s: int = 600) -> DistEnv:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("train.distributed_backend=nccl needs GPUs; on a CPU machine use train.distributed_backend=gloo")
+        raise RuntimeError(
+            "train.distributed_backend=nccl needs GPUs; on a CPU machine use train.distributed_backend=gloo"
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(dist_env.local_rank)
     deepspeed.init_distributed(

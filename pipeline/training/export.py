@@ -30,7 +30,9 @@ def export_resampler(resampler: PerceiverResampler, out_dir: Path, model_config:
     return out_dir
 
 
-def load_exported_resampler(export_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PerceiverResampler, dict]:
+def load_exported_resampler(
+    export_dir: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[PerceiverResampler, dict]:
     export_dir = Path(export_dir)
     meta_path = export_dir / "resampler.json"
     if not meta_path.is_file():

@@ -175,10 +175,18 @@ class Trainer:
             self.engine.step()
             loss_sum += micro_loss.detach().double()
         dist.all_reduce(loss_sum)
+        if self.config.train.record_sample_keys:
+            self._record_keys(micro_batches)
         samples = int(totals[1].item())
         prefix_tokens = samples * (1 + self.model.resampler.num_latents)
         return {"loss": loss_sum.item() / global_tokens, "caption_tokens": global_tokens, "samples": samples,
                 "llm_tokens": global_tokens + prefix_tokens}
+
+    def _record_keys(self, micro_batches: list[dict]) -> None:
+        keys = [key for batch in micro_batches for key in batch["keys"]]
+        path = self.run_dir / "logs" / f"keys_rank_{self.dist_env.rank:05d}.jsonl"
+        with open(path, "a") as out:
+            out.write(json.dumps({"step": self.step + 1, "keys": keys}) + "\n")
 
     def _next_micro_batches(self, data_iter) -> tuple[list[dict], float]:
         start = time.perf_counter()
@@ -253,7 +261,8 @@ class Trainer:
         latents = self.model.resampler.num_latents
         vision_tokens = 0
         if self.model.vision is not None:
-            vision_tokens = (self.model.vision.clip.config.image_size // self.model.vision.clip.config.patch_size) ** 2 + 1
+            clip_config = self.model.vision.clip.config
+            vision_tokens = (clip_config.image_size // clip_config.patch_size) ** 2 + 1
         flops = step_flops(n_llm, n_res, n_vis, window["llm_tokens"], window["samples"], latents, vision_tokens)
         out = {
             "loss": stats["loss"],
@@ -276,7 +285,7 @@ class Trainer:
         values = torch.tensor([float(counts[n]) for n in names], dtype=torch.float64, device=self.device)
         if names:
             dist.all_reduce(values)
-        return dict(zip(names, values.tolist()))
+        return dict(zip(names, values.tolist(), strict=True))
 
     def export(self, model_config: dict) -> Path | None:
         if not self.dist_env.is_main:

@@ -1,0 +1,167 @@
+"""Image-caption samples: decoding a raw record into tensors, collating micro batches, and the eval pass.
+
+A decoder is split in two halves so that the stream and the collate serve every stage-1 variant:
+`CaptionSampleDecoder` turns the caption into token ids ending in EOS, and a subclass turns the image member
+into tensors (`CaptionDecoder`: a JPEG through the CLIP image processor into "pixel_values"; a feature
+decoder would read cached CLIP features into "image_features" instead). `collate_captions` stacks whatever
+image tensors the decoder produced and concatenates the captions, so packing can come later unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import torch
+from PIL import Image
+
+from pipeline.data.shards import iter_shard_records
+from pipeline.data.stream import Collate, Decoder, SkipLog, SkipSample, describe_error
+
+CAPTION_MEMBER = "txt"
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+
+
+class CaptionSampleDecoder:
+    """The caption half of a sample decoder; subclasses name their image members and decode them.
+
+    Picklable and cheap to pickle: the tokenizer loads lazily, once per process, and is never pickled.
+    """
+
+    # Members that carry the image half, in order of preference; the first one present is decoded.
+    image_members: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer_path: str, max_caption_tokens: int):
+        if max_caption_tokens < 1:
+            raise ValueError(f"max_caption_tokens must be at least 1 (room for EOS), got {max_caption_tokens}")
+        self.tokenizer_path = tokenizer_path
+        self.max_caption_tokens = max_caption_tokens
+        self._tokenizer = None
+
+    def __getstate__(self) -> dict:
+        # Loaded objects stay behind: each worker loads its own on first use.
+        return {name: (None if name.startswith("_") else value) for name, value in self.__dict__.items()}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer  # heavy import, paid only where samples are decoded
+
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            if tokenizer.eos_token_id is None:
+                raise ValueError(f"tokenizer '{self.tokenizer_path}' has no eos_token; captions must end in one")
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def load(self) -> None:
+        """Load everything now, e.g. in the main process to fail fast on a wrong path."""
+        _ = self.tokenizer
+
+    def __call__(self, sample: dict[str, bytes], key: str) -> dict:
+        image_member = next((name for name in self.image_members if name in sample), None)
+        if image_member is None or CAPTION_MEMBER not in sample:
+            raise SkipSample("missing_member", f"members {sorted(sample)}")
+        caption_ids = self.encode_caption(sample[CAPTION_MEMBER])
+        return {"key": key, **self.decode_image(sample[image_member]), "caption_ids": caption_ids}
+
+    def encode_caption(self, data: bytes) -> torch.Tensor:
+        """Token ids of the caption without special tokens, cut to leave room for the EOS that ends them."""
+        caption = data.decode("utf-8", errors="replace").strip()
+        if not caption:
+            raise SkipSample("empty_caption")
+        tokenizer = self.tokenizer
+        ids = tokenizer(caption, add_special_tokens=False).input_ids[: self.max_caption_tokens - 1]
+        return torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.long)
+
+    def decode_image(self, data: bytes) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class CaptionDecoder(CaptionSampleDecoder):
+    """JPEG/PNG/WebP + caption -> {"key", "pixel_values": [3, S, S], "caption_ids": [n]}."""
+
+    image_members = IMAGE_MEMBERS
+
+    def __init__(self, image_processor_path: str, tokenizer_path: str, max_caption_tokens: int):
+        super().__init__(tokenizer_path, max_caption_tokens)
+        self.image_processor_path = image_processor_path
+        self._image_processor = None
+
+    @property
+    def image_processor(self):
+        if self._image_processor is None:
+            from transformers import CLIPImageProcessor
+
+            self._image_processor = CLIPImageProcessor.from_pretrained(self.image_processor_path)
+        return self._image_processor
+
+    def load(self) -> None:
+        super().load()
+        _ = self.image_processor
+
+    def decode_image(self, data: bytes) -> dict[str, torch.Tensor]:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                rgb = image.convert("RGB")
+        except Exception as error:  # PIL raises many types for bad bytes; all mean the same here
+            raise SkipSample("corrupt_image", describe_error(error)) from None
+        pixel_values = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixel_values.float()}
+
+
+def collate_captions(samples: list[dict]) -> dict:
+    """Stack the image tensors and concatenate the captions (each ending in EOS) into one flat sequence.
+
+    Returns {"keys": [B], <image field>: [B, ...] (e.g. "pixel_values": [B, 3, S, S]),
+    "caption_ids": LongTensor[sum of lengths], "caption_lengths": LongTensor[B]}.
+    """
+    batch: dict = {"keys": [sample["key"] for sample in samples]}
+    for name in samples[0]:
+        if name not in ("key", "caption_ids"):
+            batch[name] = torch.stack([sample[name] for sample in samples])
+    batch["caption_ids"] = torch.cat([sample["caption_ids"] for sample in samples])
+    batch["caption_lengths"] = torch.tensor([len(sample["caption_ids"]) for sample in samples], dtype=torch.long)
+    return batch
+
+
+def iterate_eval_batches(
+    shards: list[str],
+    decoder: Decoder,
+    collate: Collate,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    skips: SkipLog | None = None,
+) -> Iterator[dict]:
+    """One unshuffled pass over `shards` in this process: record i (counted over all shards) goes to rank
+    i % world_size. Bad samples and shards are skipped and counted in `skips` as in training. The last batch
+    may be short, and ranks may get different numbers of batches: reduce metrics after the loop, not per batch.
+    """
+    skips = skips if skips is not None else SkipLog()
+    samples: list[dict] = []
+    record_index = 0
+    for shard in shards:
+        records = iter_shard_records(shard)
+        records_read = 0
+        while True:
+            try:
+                key, members = next(records)
+            except StopIteration:
+                break
+            except Exception as error:  # unreadable or truncated shard: keep what was read, go on
+                skips.record("bad_tar", shard, f"the rest after record {records_read}", describe_error(error))
+                break
+            records_read += 1
+            record_index += 1
+            if (record_index - 1) % world_size != rank:
+                continue
+            try:
+                samples.append(decoder(members, key))
+            except SkipSample as skip:
+                skips.record(skip.reason, shard, f"sample {key}", skip.detail)
+                continue
+            if len(samples) == micro_batch_size:
+                yield collate(samples)
+                samples = []
+    if samples:
+        yield collate(samples)

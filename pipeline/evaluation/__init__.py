@@ -1,0 +1,1 @@
+"""Evaluation: loading a trained run for inference, and scoring generated captions."""

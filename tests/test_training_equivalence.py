@@ -1,0 +1,78 @@
+"""Must-show (a): the same global batch gives the same resampler update whatever the split.
+
+Four runs of two optimizer steps on identical global batches of 16 captions of different lengths:
+1 rank x micro 16 (no accumulation), 1 rank x micro 4 (accumulation 4), 2 ranks x micro 8, 2 ranks x micro 4
+(accumulation 2), all through DeepSpeed ZeRO-2 on gloo in fp32.
+
+Compared: the token-mean loss, DeepSpeed's gradient norm, the full averaged gradient the optimizer consumes
+(read with deepspeed.utils.safe_get_full_grad at the accumulation boundary), and the parameter update. The update
+is compared as a vector (relative L2 difference): AdamW divides each element by its own gradient magnitude, so an
+element whose gradient is ~1e-9 turns 1e-7 fp32 noise into a visible relative change of that one element; the
+gradient itself is compared element-wise.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "workers" / "fixed_batch_steps.py"
+TOLERANCE = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_split(model_dir: Path, out: Path, world: int, micro: int, global_size: int = 16, steps: int = 2) -> dict:
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), str(model_dir), str(out), str(micro), str(global_size), str(steps)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    for proc in procs:
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
+    return torch.load(out)
+
+
+def max_relative(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a)
+
+
+def l2_relative(a: dict, b: dict) -> float:
+    x = torch.cat([a[k].flatten() for k in a])
+    y = torch.cat([b[k].flatten() for k in a])
+    return ((x - y).norm() / x.norm()).item()
+
+
+@pytest.mark.slow
+def test_update_independent_of_accumulation_and_ranks(tiny_models, tmp_path):
+    reference = run_split(tiny_models, tmp_path / "r1_m16.pt", world=1, micro=16)
+    assert reference["accumulation"] == 1
+    splits = {
+        "1 rank, accumulation 4": run_split(tiny_models, tmp_path / "r1_m4.pt", world=1, micro=4),
+        "2 ranks": run_split(tiny_models, tmp_path / "r2_m8.pt", world=2, micro=8),
+        "2 ranks, accumulation 2": run_split(tiny_models, tmp_path / "r2_m4.pt", world=2, micro=4),
+    }
+    assert [s["accumulation"] for s in splits.values()] == [4, 1, 2]
+    for name, result in splits.items():
+        for ref_loss, loss in zip(reference["losses"], result["losses"], strict=True):
+            assert abs(loss - ref_loss) / ref_loss < TOLERANCE, name
+        for ref_norm, norm in zip(reference["grad_norms"], result["grad_norms"], strict=True):
+            assert abs(norm - ref_norm) / ref_norm < TOLERANCE, name
+        # The first step starts from identical parameters: its gradient must agree element-wise.
+        assert max_relative(reference["grads"][0], result["grads"][0]) < TOLERANCE, name
+        assert l2_relative(reference["grads"][1], result["grads"][1]) < TOLERANCE, name
+        assert l2_relative(reference["updates"], result["updates"]) < TOLERANCE, name
