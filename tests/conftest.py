@@ -34,3 +34,40 @@ def build_tiny_models(out_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+def write_caption_shards(out_dir: Path, n_shards: int, per_shard: int, seed: int = 0) -> list[Path]:
+    """img2dataset-layout shards (KEY.jpg / KEY.txt / KEY.json) of toy-world images, written directly."""
+    import io
+    import json
+    import random
+    import tarfile
+
+    from pipeline.toy.world import caption_for, render_image, sample_attributes
+
+    rng = random.Random(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard in range(n_shards):
+        path = out_dir / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for index in range(per_shard):
+                key = f"{shard:05d}{index:04d}"
+                attrs = sample_attributes(rng)
+                image = io.BytesIO()
+                render_image(attrs, rng).save(image, "JPEG", quality=90)
+                members = {"jpg": image.getvalue(), "txt": caption_for(attrs).encode(),
+                           "json": json.dumps({"key": key, "attrs": attrs}).encode()}
+                for ext, payload in members.items():
+                    add_member(tar, f"{key}.{ext}", payload)
+        paths.append(path)
+    return paths
+
+
+def add_member(tar, name: str, payload: bytes) -> None:
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))

@@ -272,9 +272,11 @@ class Trainer:
             "tokens_per_s": window["llm_tokens"] / seconds,
             "samples_per_s_per_gpu": window["samples"] / seconds / world,
             "data_wait_frac": window["data_wait"] / seconds,
-            "skipped": sum(self._skip_counts().values()),
             "peak_mem_gb": _peak_memory_gb(),
         }
+        skips = self._skip_counts()
+        out["skipped"] = sum(skips.values())
+        out.update({f"skipped/{reason}": count for reason, count in skips.items()})
         if peak:
             out["mfu"] = flops / seconds / (world * peak * 1e12)
         return out
