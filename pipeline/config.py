@@ -60,6 +60,9 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     # Caption tokens kept per sample (EOS included); longer captions are truncated.
     max_caption_tokens: int = 64
+    # Pack a micro batch's samples into one row (block-diagonal attention, positions restart per sample) instead of
+    # padding every caption to the longest; the loss is identical, the padding compute is gone.
+    packing: bool = True
 
 
 @dataclass

@@ -13,7 +13,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import add_member, write_caption_shards
 
 ROOT = Path(__file__).resolve().parents[1]

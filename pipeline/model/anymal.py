@@ -58,16 +58,51 @@ def caption_sequence(
     return CaptionSequence(input_ids, labels, attention_mask, 1, prefix_length)
 
 
+@dataclass
+class PackedCaptionSequence:
+    """All samples of a micro batch packed into one row: [BOS, prefix, caption] per sample, back to back.
+
+    `position_ids` restart at 0 for every sample and no attention mask is passed, so the LLM's attention (SDPA,
+    flex or flash varlen in transformers) is block-diagonal causal: no token attends across samples. The summed
+    loss equals that of the padded layout, token for token.
+    """
+
+    input_ids: torch.Tensor  # [1, T]
+    labels: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    prefix_positions: torch.Tensor  # [B * prefix_length] columns that take the image embeddings, sample-major
+
+
+def packed_caption_sequence(
+    caption_ids: torch.Tensor, caption_lengths: torch.Tensor, prefix_length: int, bos_id: int
+) -> PackedCaptionSequence:
+    device = caption_ids.device
+    lengths = caption_lengths.to(device)
+    sample_lengths = 1 + prefix_length + lengths
+    starts = torch.cumsum(sample_lengths, 0) - sample_lengths
+    total = int(sample_lengths.sum())
+    sample_of = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), sample_lengths)
+    offset = torch.arange(total, device=device) - starts[sample_of]
+    caption_slot = offset > prefix_length  # offset 0 is BOS, 1..prefix_length the image
+    input_ids = torch.full((total,), bos_id, dtype=torch.long, device=device)
+    input_ids[caption_slot] = caption_ids
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[caption_slot] = caption_ids
+    prefix_positions = torch.nonzero((offset >= 1) & (offset <= prefix_length)).flatten()
+    return PackedCaptionSequence(input_ids[None], labels[None], offset[None], prefix_positions)
+
+
 class AnyMAL(nn.Module):
     """The composed model. `vision` is None when training reads cached features instead of images."""
 
     def __init__(self, vision: VisionTower | None, resampler: PerceiverResampler, llm, bos_id: int, eos_id: int,
-                 pad_id: int):
+                 pad_id: int, packing: bool = True):
         super().__init__()
         self.vision = vision
         self.resampler = resampler
         self.llm = llm
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.packing = packing
 
     def freeze_for_stage1(self) -> int:
         """Only the resampler trains; returns its trainable parameter count after checking nothing else does."""
@@ -108,11 +143,24 @@ class AnyMAL(nn.Module):
         whole global batch: every token then weighs the same whatever the micro-batch split or world size.
         """
         prefix = self.image_prefix(batch, resampler)
+        if self.packing:
+            packed = packed_caption_sequence(batch["caption_ids"], batch["caption_lengths"], prefix.shape[1],
+                                             self.bos_id)
+            embeddings = self.llm.get_input_embeddings()(packed.input_ids)
+            rows = torch.zeros_like(packed.prefix_positions)
+            embeddings = embeddings.index_put(
+                (rows, packed.prefix_positions), prefix.reshape(-1, prefix.shape[-1]).to(embeddings.dtype)
+            )
+            hidden = self.llm.get_decoder()(
+                inputs_embeds=embeddings, position_ids=packed.position_ids, attention_mask=None, use_cache=False
+            ).last_hidden_state
+            return self.supervised_loss(hidden, packed.labels)
         sequence = caption_sequence(
             batch["caption_ids"], batch["caption_lengths"], prefix.shape[1], self.bos_id, self.pad_id
         )
         hidden = self.llm.get_decoder()(
-            inputs_embeds=self.embed_sequence(sequence, prefix), attention_mask=sequence.attention_mask
+            inputs_embeds=self.embed_sequence(sequence, prefix), attention_mask=sequence.attention_mask,
+            use_cache=False,
         ).last_hidden_state
         return self.supervised_loss(hidden, sequence.labels)
 
@@ -169,7 +217,7 @@ def build_anymal(config: ModelConfig, tokenizer, *, load_vision: bool = True, ll
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     if bos_id is None or eos_id is None:
         raise ValueError(f"tokenizer of {config.llm.model} lacks a bos or eos token; stage 1 needs both")
-    return AnyMAL(vision, resampler, llm, bos_id, eos_id, pad_id)
+    return AnyMAL(vision, resampler, llm, bos_id, eos_id, pad_id, packing=config.packing)
 
 
 def build_resampler(config: ModelConfig, vision_width: int, llm_width: int) -> PerceiverResampler:
