@@ -174,6 +174,12 @@ def _coerce(hint, value, where: str):
         return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it obviously is.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is bool and isinstance(value, bool):

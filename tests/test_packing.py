@@ -38,7 +38,8 @@ def test_packed_equals_padded_loss_and_gradients(tiny_models):
         loss.backward()
         results[packing] = (loss.item(), tokens.item(),
                             {n: p.grad.clone() for n, p in model.resampler.named_parameters()})
-    (padded_loss, padded_tokens, padded_grads), (packed_loss, packed_tokens, packed_grads) = results[False], results[True]
+    padded_loss, padded_tokens, padded_grads = results[False]
+    packed_loss, packed_tokens, packed_grads = results[True]
     assert padded_tokens == packed_tokens == int(lengths.sum())
     assert abs(packed_loss - padded_loss) / padded_loss < 1e-5
     for name, grad in padded_grads.items():
