@@ -74,6 +74,9 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    # "images": img2dataset shards, decoded and run through the frozen CLIP tower every step.
+    # "features": shards of cached CLIP features (data_prep/cache_features.sh); the vision tower is not loaded.
+    input: str = "images"
     sources: list[SourceConfig] = field(default_factory=list)
     # Held-out shards for validation loss and sample captions; optional.
     val_shards: str = ""
@@ -271,6 +274,8 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"'data.sources[{i}].shards' is empty; give a shard spec like /data/{{00000..00099}}.tar")
         if source.weight <= 0:
             raise ConfigError(f"'data.sources[{i}].weight' must be positive, got {source.weight}")
+    if config.data.input not in ("images", "features"):
+        raise ConfigError(f"'data.input' must be images or features, got '{config.data.input}'")
     if config.data.num_workers < 0:
         raise ConfigError(f"'data.num_workers' must be >= 0, got {config.data.num_workers}")
     if config.logging.wandb_mode not in ("auto", "online", "offline", "disabled"):

@@ -49,12 +49,12 @@ def train_stage1(run_dir: Path, models: dict, shard_root: Path, overrides: list[
 
 def evaluate_stage1(run_dir: Path, shard_root: Path) -> dict:
     from pipeline.data.shards import expand_shards
+    from pipeline.evaluation.benchmarks import evaluate_toy_captions
     from pipeline.evaluation.loading import load_run
-    from pipeline.evaluation.toy_captions import score_toy_captions
 
     model, tokenizer, config = load_run(run_dir)
     shards = expand_shards(f"{shard_root}/val/*.tar", "demo val shards")
-    return score_toy_captions(model, tokenizer, shards, config, samples_path=run_dir / "val_captions.jsonl")
+    return evaluate_toy_captions(model, tokenizer, config, shards, run_dir / "eval" / "toy_caption")
 
 
 def main(argv=None) -> int:

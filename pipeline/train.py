@@ -84,7 +84,7 @@ def run(config: RunConfig) -> str:
     torch.manual_seed(config.train.seed)
     device = device_for(dist_env)
     tokenizer = AutoTokenizer.from_pretrained(config.model.llm.model)
-    model = build_anymal(config.model, tokenizer)
+    model = build_anymal(config.model, tokenizer, load_vision=config.data.input == "images")
     model.llm.to(device)
     if model.vision is not None:
         model.vision.to(device)

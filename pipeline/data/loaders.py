@@ -8,7 +8,12 @@ from pipeline.data.shards import expand_shards
 from pipeline.data.stream import ShardLoader
 
 
-def caption_decoder(config: RunConfig) -> CaptionDecoder:
+def caption_decoder(config: RunConfig):
+    """Decodes image shards through the CLIP processor, or feature shards as they were cached."""
+    if config.data.input == "features":
+        from pipeline.data.features import FeatureDecoder
+
+        return FeatureDecoder(config.model.llm.model, config.model.max_caption_tokens)
     return CaptionDecoder(config.model.vision.model, config.model.llm.model, config.model.max_caption_tokens)
 
 
