@@ -126,6 +126,11 @@ class LoggingConfig:
     wandb_run_name: str = ""
     # "auto" = online if WANDB_API_KEY is set, else offline; "disabled" turns wandb off.
     wandb_mode: str = "auto"
+    # Every sample_every_steps (0 = never), rank 0 captions num_samples held-out images into a wandb table and
+    # <run_dir>/samples/. sample_shards are image shards; empty means data.val_shards when training on images.
+    sample_every_steps: int = 0
+    num_samples: int = 16
+    sample_shards: str = ""
 
 
 @dataclass

@@ -69,6 +69,7 @@ def run(config: RunConfig) -> str:
 
     from pipeline.data.loaders import build_caption_loader, build_val_batches
     from pipeline.model.anymal import build_anymal
+    from pipeline.prep.offline import enforce_offline
     from pipeline.training.distributed import device_for, init_distributed
     from pipeline.training.trainer import Trainer, make_metrics_logger
 
@@ -77,6 +78,8 @@ def run(config: RunConfig) -> str:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, dist_env.rank)
+    # Local model directories need no Hub: with offline mode on, a compute node never waits on the network.
+    enforce_offline([config.model.vision.model, config.model.llm.model])
     if dist_env.is_main:
         save_config(config, run_dir / "config.yaml")
     import torch
@@ -95,9 +98,15 @@ def run(config: RunConfig) -> str:
     trainer.maybe_resume()
     metrics = make_metrics_logger(config, dist_env.is_main, trainer.wandb_id)
     trainer.wandb_id = metrics.wandb_id
+    sample_round = None
+    if dist_env.is_main:
+        from pipeline.training.samples import SampleLogger
+
+        samples = SampleLogger(config, model, run_dir, metrics)
+        sample_round = (lambda step: samples.log_round(step, tokenizer)) if samples.enabled else None
     log.info("training to step %d: global batch %d = micro %d x %d ranks x %d accumulation", config.train.max_steps,
              config.train.global_batch_size, config.train.micro_batch_size, dist_env.world_size, trainer.accumulation)
-    reason = trainer.fit(metrics)
+    reason = trainer.fit(metrics, sample_round)
     if reason == "max_steps":
         trainer.export(to_dict(config.model))
     log.info("stopped at step %d: %s", trainer.step, reason)

@@ -211,9 +211,13 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------------
 
-    def fit(self, metrics: MetricsLogger) -> str:
-        """Train until max_steps, stop_after_steps or a stop signal. Returns why it stopped."""
+    def fit(self, metrics: MetricsLogger, sample_round=None) -> str:
+        """Train until max_steps, stop_after_steps or a stop signal. Returns why it stopped.
+
+        `sample_round(step)`, given on rank 0 only, captions held-out images every logging.sample_every_steps.
+        """
         cfg = self.config.train
+        sample_every = self.config.logging.sample_every_steps
         world = self.dist_env.world_size
         peak = peak_tflops()
         data_iter = iter(self.loader)
@@ -234,6 +238,8 @@ class Trainer:
             if self.step % cfg.log_every_steps == 0 or self.step == 1:
                 metrics.log(self.step, self._step_metrics(stats, window, world, peak))
                 window = dict.fromkeys(window, 0)
+            if sample_round is not None and sample_every and (self.step % sample_every == 0 or self.step == cfg.max_steps):
+                sample_round(self.step)
             if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0:
                 val_loss = self.validate()
                 if val_loss is not None:
