@@ -14,7 +14,8 @@ Variants:
                 plain torch AdamW on the resampler. This is the "plain HF step".
   pipeline      the trainer's own step (`Trainer.train_step`) through DeepSpeed ZeRO-2: packed rows, loss at
                 supervised positions only, global token-mean normalisation.
-  pipeline+compile   the same, with each LLM decoder layer wrapped in torch.compile.
+  pipeline+flex      the same with flex attention (block-sparse over the packed row) instead of SDPA.
+  pipeline+compile   the same as pipeline, with each LLM decoder layer wrapped in torch.compile.
 
 MFU counts useful FLOPs only (no padding, no recompute, attention's quadratic term left out):
   4 * N_llm * (1 + 64 + caption tokens) per sample  (frozen LLM: forward 2N, backward to activations 2N)
@@ -134,10 +135,13 @@ def run_baseline(llm, resampler, batches, warmup, bos, pad):
     return time_steps(step, batches, warmup)
 
 
-def run_pipeline(llm, resampler, batches, warmup, bos, eos, pad, micro, compile_layers: bool):
+def run_pipeline(llm, resampler, batches, warmup, bos, eos, pad, micro, compile_layers: bool, attn: str):
+    import torch.distributed as dist
+
     from pipeline.training.distributed import DistEnv, init_distributed
     from pipeline.training.trainer import Trainer
 
+    llm.config._attn_implementation = attn
     if compile_layers:
         for index, layer in enumerate(llm.model.layers):
             llm.model.layers[index] = torch.compile(layer, dynamic=True)
@@ -146,7 +150,8 @@ def run_pipeline(llm, resampler, batches, warmup, bos, eos, pad, micro, compile_
     config.train.micro_batch_size = micro
     config.train.precision = "bfloat16"
     config.data.sources = []
-    init_distributed("nccl")
+    if not dist.is_initialized():
+        init_distributed("nccl")
     model = AnyMAL(None, resampler, llm, bos, eos, pad, packing=True)
     trainer = Trainer(config, model, lambda state: None, DistEnv(0, 1, 0), torch.device("cuda"))
 
@@ -158,7 +163,7 @@ def run_pipeline(llm, resampler, batches, warmup, bos, eos, pad, micro, compile_
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--micro-batch", type=int, default=32)
+    parser.add_argument("--micro-batch", type=int, nargs="+", default=[32])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["baseline", "pipeline"])
@@ -174,38 +179,50 @@ def main():
     latents = 64
     cfg = RunConfig()
     n_llm = sum(p.numel() for p in llm.parameters())
-    batches = make_batches(args.steps + args.warmup, args.micro_batch, llm.config.vocab_size, eos)
-    timed = batches[args.warmup:]
-    flops = useful_flops(n_llm, 0, timed, latents)
     peak = peak_tflops() or 989.0
-    results = {"device": torch.cuda.get_device_name(), "micro_batch": args.micro_batch, "timed_steps": args.steps,
-               "mean_caption_tokens": float(torch.cat([b["caption_lengths"] for b in timed]).float().mean()),
-               "variants": {}}
-    for variant in args.variants:
+    results = {"device": torch.cuda.get_device_name(), "timed_steps": args.steps, "variants": {}}
+    for micro, variant in [(m, v) for m in args.micro_batch for v in args.variants]:
+        batches = make_batches(args.steps + args.warmup, micro, llm.config.vocab_size, eos)
+        timed = batches[args.warmup:]
+        flops = useful_flops(n_llm, 0, timed, latents)
+        results["mean_caption_tokens"] = float(torch.cat([b["caption_lengths"] for b in timed]).float().mean())
         torch.manual_seed(0)
         resampler = build_resampler(cfg.model, CLIP_VIT_L14["hidden_size"], llm.config.hidden_size).cuda()
         n_res = sum(p.numel() for p in resampler.parameters())
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        if variant == "baseline":
-            seconds = run_baseline(llm, resampler.to(torch.bfloat16), batches, args.warmup, bos, pad)
-        else:
-            seconds = run_pipeline(llm, resampler, batches, args.warmup, bos, eos, pad, args.micro_batch,
-                                   compile_layers=variant.endswith("compile"))
-        samples = args.steps * args.micro_batch
+        try:
+            if variant == "baseline":
+                llm.config._attn_implementation = args.attn
+                seconds = run_baseline(llm, resampler.to(torch.bfloat16), batches, args.warmup, bos, pad)
+            else:
+                seconds = run_pipeline(llm, resampler, batches, args.warmup, bos, eos, pad, micro,
+                                       compile_layers=variant.endswith("compile"),
+                                       attn="flex_attention" if variant.endswith("flex") else args.attn)
+        except torch.OutOfMemoryError:
+            results["variants"][f"{variant}@{micro}"] = {"error": "out of memory"}
+            print(variant, micro, "out of memory", flush=True)
+            continue
+        samples = args.steps * micro
         tokens = sum(int(b["caption_lengths"].sum()) + b["caption_lengths"].numel() * (1 + latents) for b in timed)
         variant_flops = flops + useful_flops(0, n_res, timed, latents)
-        results["variants"][variant] = {
+        results["variants"][f"{variant}@{micro}"] = {
             "samples_per_s": samples / seconds,
             "tokens_per_s": tokens / seconds,
             "step_s": seconds / args.steps,
             "mfu": variant_flops / seconds / (peak * 1e12),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
         }
-        print(variant, json.dumps(results["variants"][variant]), flush=True)
-    if "baseline" in results["variants"]:
-        base = results["variants"]["baseline"]["samples_per_s"]
-        for name, row in results["variants"].items():
-            row["speedup_vs_baseline"] = row["samples_per_s"] / base
+        print(variant, micro, json.dumps(results["variants"][f"{variant}@{micro}"]), flush=True)
+    baselines = [
+        row["samples_per_s"]
+        for key, row in results["variants"].items()
+        if key.startswith("baseline@") and "error" not in row
+    ]
+    if baselines:
+        for row in results["variants"].values():
+            if "error" not in row:
+                row["speedup_vs_best_baseline"] = row["samples_per_s"] / max(baselines)
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
