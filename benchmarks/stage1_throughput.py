@@ -15,7 +15,9 @@ Variants:
   pipeline      the trainer's own step (`Trainer.train_step`) through DeepSpeed ZeRO-2: packed rows, loss at
                 supervised positions only, global token-mean normalisation.
   pipeline+flex      the same with flex attention (block-sparse over the packed row) instead of SDPA.
-  pipeline+compile   the same as pipeline, with each LLM decoder layer wrapped in torch.compile.
+  pipeline+compile   the same as pipeline, with each LLM decoder layer compiled (torch.compile, dynamic shapes);
+                     compiled layers stay compiled for the variants that follow in the same run.
+  pipeline+flex+compile   both.
 
 MFU counts useful FLOPs only (no padding, no recompute, attention's quadratic term left out):
   4 * N_llm * (1 + 64 + caption tokens) per sample  (frozen LLM: forward 2N, backward to activations 2N)
@@ -142,9 +144,11 @@ def run_pipeline(llm, resampler, batches, warmup, bos, eos, pad, micro, compile_
     from pipeline.training.trainer import Trainer
 
     llm.config._attn_implementation = attn
-    if compile_layers:
-        for index, layer in enumerate(llm.model.layers):
-            llm.model.layers[index] = torch.compile(layer, dynamic=True)
+    if compile_layers and not getattr(llm, "_layers_compiled", False):
+        # In place and once: later variants in the same run keep the compiled layers.
+        for layer in llm.model.layers:
+            layer.compile(dynamic=True)
+        llm._layers_compiled = True
     config = RunConfig()
     config.train.global_batch_size = micro
     config.train.micro_batch_size = micro
@@ -181,7 +185,8 @@ def main():
     n_llm = sum(p.numel() for p in llm.parameters())
     peak = peak_tflops() or 989.0
     results = {"device": torch.cuda.get_device_name(), "timed_steps": args.steps, "variants": {}}
-    for micro, variant in [(m, v) for m in args.micro_batch for v in args.variants]:
+    # Variant-major: layers compiled by a "compile" variant stay compiled, so those variants come last.
+    for variant, micro in [(v, m) for v in args.variants for m in args.micro_batch]:
         batches = make_batches(args.steps + args.warmup, micro, llm.config.vocab_size, eos)
         timed = batches[args.warmup:]
         flops = useful_flops(n_llm, 0, timed, latents)
@@ -197,8 +202,8 @@ def main():
                 seconds = run_baseline(llm, resampler.to(torch.bfloat16), batches, args.warmup, bos, pad)
             else:
                 seconds = run_pipeline(llm, resampler, batches, args.warmup, bos, eos, pad, micro,
-                                       compile_layers=variant.endswith("compile"),
-                                       attn="flex_attention" if variant.endswith("flex") else args.attn)
+                                       compile_layers="compile" in variant,
+                                       attn="flex_attention" if "flex" in variant else args.attn)
         except torch.OutOfMemoryError:
             results["variants"][f"{variant}@{micro}"] = {"error": "out of memory"}
             print(variant, micro, "out of memory", flush=True)

@@ -49,8 +49,12 @@ class ResamplerConfig:
 class LLMConfig:
     model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
     dtype: str = "bfloat16"
-    # "sdpa", "eager", or "flash_attention_2" (only when flash-attn is installed).
+    # "sdpa", "flex_attention", "eager", or "flash_attention_2" (only when flash-attn is installed). With packing
+    # on a GPU, flex_attention (or flash_attention_2) skips the masked blocks of a packed row; SDPA computes the
+    # whole row against a dense mask and is about 2x slower there (benchmarks/stage1_throughput.py).
     attn_implementation: str = "sdpa"
+    # torch.compile each decoder layer (dynamic shapes): fuses norms, rotary and activations around the GEMMs.
+    compile_layers: bool = False
 
 
 @dataclass

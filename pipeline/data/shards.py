@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import braceexpand
-from webdataset.gopen import gopen, gopen_schemes
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +99,9 @@ def reader_shards(shards: list[str], reader_index: int, num_readers: int) -> lis
 
 def open_shard(url: str):
     """A binary stream for a local path or URL: webdataset's gopen where it has a handler, else fsspec."""
+    # Imported here: webdataset imports torch, and spec checks must fail fast without it.
+    from webdataset.gopen import gopen, gopen_schemes
+
     scheme = urlparse(url).scheme
     if scheme in ("", "file") or scheme in gopen_schemes:
         return gopen(url, "rb")

@@ -28,6 +28,9 @@ def load_llm(config: LLMConfig) -> PreTrainedModel:
     )
     llm.requires_grad_(False)
     llm.eval()
-    log.info("LLM %s: %.2fB parameters, %s attention", config.model, llm.num_parameters() / 1e9,
-             config.attn_implementation)
+    if config.compile_layers:
+        for layer in llm.get_decoder().layers:
+            layer.compile(dynamic=True)
+    log.info("LLM %s: %s parameters, %s attention%s", config.model, f"{llm.num_parameters():,}",
+             config.attn_implementation, ", compiled layers" if config.compile_layers else "")
     return llm

@@ -11,8 +11,6 @@ import os
 import socket
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -43,6 +41,7 @@ def _free_port() -> int:
 def init_distributed(backend: str, timeout_s: int = 600) -> DistEnv:
     """Start the process group (once) and pick this rank's device; returns the rank layout."""
     import deepspeed
+    import torch
 
     dist_env = read_dist_env()
     os.environ.setdefault("RANK", str(dist_env.rank))
@@ -63,5 +62,7 @@ def init_distributed(backend: str, timeout_s: int = 600) -> DistEnv:
     return dist_env
 
 
-def device_for(dist_env: DistEnv) -> torch.device:
+def device_for(dist_env: DistEnv):
+    import torch
+
     return torch.device("cuda", dist_env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
