@@ -42,9 +42,15 @@ from pipeline.model.vision import load_vision_tower, torch_dtype  # noqa: E402
 
 # openai/clip-vit-large-patch14's preprocessor_config.json, so the job loads the class training loads.
 OPENAI_CLIP_PREPROCESSOR = {
-    "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 224,
 }
 
 
@@ -87,8 +93,11 @@ def write_jpeg_shards(out: Path, shards: int, per_shard: int, size: tuple[int, i
             for index in range(per_shard):
                 key = f"{shard:05d}{index:04d}"
                 caption = f"a synthetic photo number {index} of shard {shard}".encode()
-                members = {"jpg": images[(shard * per_shard + index) % len(images)], "txt": caption,
-                           "json": json.dumps({"key": key, "status": "success"}).encode()}
+                members = {
+                    "jpg": images[(shard * per_shard + index) % len(images)],
+                    "txt": caption,
+                    "json": json.dumps({"key": key, "status": "success"}).encode(),
+                }
                 for extension, payload in members.items():
                     info = tarfile.TarInfo(f"{key}.{extension}")
                     info.size = len(payload)
@@ -119,19 +128,53 @@ def whole_job(vision: VisionConfig, shards: list[str], out: Path, device: torch.
         marks.append((time.perf_counter(), (marks[-1][1] if marks else 0) + images))
 
     start = time.perf_counter()
-    result = cache_features(vision, shards, out, dtype="float16", batch_size=args.batch_size,
-                            num_workers=args.num_workers, writer_threads=args.writer_threads, device=device,
-                            progress=False, on_batch=on_batch)
+    result = cache_features(
+        vision,
+        shards,
+        out,
+        dtype="float16",
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        writer_threads=args.writer_threads,
+        device=device,
+        progress=False,
+        on_batch=on_batch,
+    )
     wall = time.perf_counter() - start
     total = marks[-1][1]
     first = next(mark for mark in marks if mark[1] >= 0.1 * total)
     last = next(mark for mark in marks if mark[1] >= 0.9 * total)
     steady = (last[1] - first[1]) / (last[0] - first[0]) if last[0] > first[0] else float("nan")
-    bytes_written = sum(f.stat().st_size for f in out.glob("*.tar"))
-    return {"images": result["images"], "steady_images_per_s": steady, "wall_images_per_s": result["images"] / wall,
-            "wall_s": wall, "bytes_per_sample": bytes_written / max(1, result["images"]),
-            "num_workers": args.num_workers, "writer_threads": args.writer_threads, "skipped": result["skipped"],
-            "wait_for_images_s": result["wait_for_images_s"], "wait_for_writers_s": result["wait_for_writers_s"]}
+    bytes_per_sample = sum(f.stat().st_size for f in out.glob("*.tar")) / max(1, result["images"])
+    return {
+        "images": result["images"],
+        "steady_images_per_s": steady,
+        "wall_images_per_s": result["images"] / wall,
+        "wall_s": wall,
+        "bytes_per_sample": bytes_per_sample,
+        "write_gb_per_s": steady * bytes_per_sample / 1e9,
+        "output_filesystem": filesystem_of(out),
+        "num_workers": args.num_workers,
+        "writer_threads": args.writer_threads,
+        "skipped": result["skipped"],
+        "wait_for_images_s": result["wait_for_images_s"],
+        "wait_for_writers_s": result["wait_for_writers_s"],
+    }
+
+
+def filesystem_of(path: Path) -> str:
+    """The mount (type and point) holding `path`, from /proc/mounts: tmpfs output leaves storage out of the timing."""
+    try:
+        mounts = [line.split()[:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "unknown"
+    resolved = str(path.resolve())
+    best = max(
+        (m for m in mounts if resolved == m[1] or resolved.startswith(m[1].rstrip("/") + "/")),
+        key=lambda m: len(m[1]),
+        default=None,
+    )
+    return f"{best[2]} at {best[1]}" if best else "unknown"
 
 
 def stage1_step(config, vision: VisionConfig, device: torch.device, tiny: bool, steps: int) -> dict:
@@ -139,9 +182,20 @@ def stage1_step(config, vision: VisionConfig, device: torch.device, tiny: bool, 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     dtype = torch_dtype(config.model.llm.dtype)
-    llm_config = (LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
-                  if tiny else llama3_8b_config())
+    llm_config = (
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        if tiny
+        else llama3_8b_config()
+    )
     torch.manual_seed(0)
     with torch.device(device):
         llm = AutoModelForCausalLM.from_config(llm_config, dtype=dtype, attn_implementation="sdpa")
@@ -175,9 +229,14 @@ def stage1_step(config, vision: VisionConfig, device: torch.device, tiny: bool, 
 
     with_tower = timed({"pixel_values": pixels.to(device)})
     from_features = timed({"image_features": features})
-    return {"micro_batch": batch_size, "llm": "tiny llama" if tiny else "llama-3-8b (random weights)",
-            "with_tower_ms_per_sample": with_tower, "from_features_ms_per_sample": from_features,
-            "saved_fraction": 1 - from_features / with_tower, "steps_timed": steps}
+    return {
+        "micro_batch": batch_size,
+        "llm": "tiny llama" if tiny else "llama-3-8b (random weights)",
+        "with_tower_ms_per_sample": with_tower,
+        "from_features_ms_per_sample": from_features,
+        "saved_fraction": 1 - from_features / with_tower,
+        "steps_timed": steps,
+    }
 
 
 def main(argv=None) -> int:
@@ -187,11 +246,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass [256; tiny 32]")
     parser.add_argument("--shard-size", type=int, default=None, help="images per shard [1024; tiny 64]")
     parser.add_argument("--shards-per-worker", type=int, default=2, help="shards = workers x this [2]")
-    parser.add_argument("--num-workers", type=int, default=None, help="decode processes [cores - 3]")
+    parser.add_argument("--num-workers", type=int, default=None, help="decode processes [5/8 of the cores]")
     parser.add_argument("--writer-threads", type=int, default=4)
     parser.add_argument("--forward-iterations", type=int, default=None, help="[20; tiny 3]")
     parser.add_argument("--step-iterations", type=int, default=None, help="timed stage-1 steps [10; tiny 2]")
-    parser.add_argument("--work-dir", default=None, help="where shards and features go [a temporary folder]")
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="where shards and features go [a temporary folder in /dev/shm, so that the job, not the "
+        "local disk, is measured; name a folder on the training storage to include it]",
+    )
     parser.add_argument("--skip-step", action="store_true", help="leave out the stage-1 step timing")
     args = parser.parse_args(argv)
     tiny = args.tiny
@@ -201,28 +265,39 @@ def main(argv=None) -> int:
     args.num_workers = args.num_workers if args.num_workers is not None else (1 if tiny else default_num_workers())
     iterations = args.forward_iterations or (3 if tiny else 20)
     step_iterations = args.step_iterations or (2 if tiny else 10)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="feature_cache_bench_"))
+    num_shards = max(1, args.num_workers) * args.shards_per_worker
+    needed_bytes = 2 * num_shards * args.shard_size * (30e3 if tiny else 560e3) + 2e9
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > needed_bytes else None
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="feature_cache_bench_", dir=shm))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = load_config(ROOT / "configs" / ("toy.yaml" if tiny else "stage1_8b.yaml"))
         clip = save_clip(work, tiny)
-        vision = VisionConfig(model=str(clip), feature_layer=config.model.vision.feature_layer,
-                              dtype="float32" if tiny and device.type == "cpu" else "bfloat16")
+        vision = VisionConfig(
+            model=str(clip),
+            feature_layer=config.model.vision.feature_layer,
+            dtype="float32" if tiny and device.type == "cpu" else "bfloat16",
+        )
         image_size = 64 if tiny else 224
-        shards = write_jpeg_shards(work / "shards", max(1, args.num_workers) * args.shards_per_worker,
-                                   args.shard_size, (86, 64) if tiny else (341, 256))
+        shards = write_jpeg_shards(work / "shards", num_shards, args.shard_size, (86, 64) if tiny else (341, 256))
         bare = bare_forward(vision, device, args.batch_size, image_size, iterations)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         job = whole_job(vision, shards, work / "features", device, args)
         result = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "cpus": len(os.sched_getaffinity(0)), "tiny": tiny,
+            "torch": torch.__version__,
+            "cpus": len(os.sched_getaffinity(0)),
+            "tiny": tiny,
             "model": "tiny clip 64px" if tiny else "clip vit-l/14 224px (random weights)",
-            "tower_dtype": vision.dtype, "feature_layer": vision.feature_layer, "batch_size": args.batch_size,
-            "bare_forward_images_per_s": bare["images_per_s"], "job_images_per_s": job["steady_images_per_s"],
-            "job_to_bare_ratio": job["steady_images_per_s"] / bare["images_per_s"], "job": job,
+            "tower_dtype": vision.dtype,
+            "feature_layer": vision.feature_layer,
+            "batch_size": args.batch_size,
+            "bare_forward_images_per_s": bare["images_per_s"],
+            "job_images_per_s": job["steady_images_per_s"],
+            "job_to_bare_ratio": job["steady_images_per_s"] / bare["images_per_s"],
+            "job": job,
             "work_dir": str(work),
         }
         if not args.skip_step:
