@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models saved in HF format and loaded back through `from_pretrained`, like the real ones."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+# The venv's ninja first: DeepSpeed rebuilds its op when processes with different ninja versions share the cache.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def build_tiny_models(out_dir: Path) -> Path:
