@@ -141,6 +141,7 @@ def run_pipeline(llm, resampler, batches, warmup, bos, eos, pad, micro, compile_
     import torch.distributed as dist
 
     from pipeline.training.distributed import DistEnv, init_distributed
+    from pipeline.training.stages import CaptionStage
     from pipeline.training.trainer import Trainer
 
     llm.config._attn_implementation = attn
@@ -157,7 +158,7 @@ def run_pipeline(llm, resampler, batches, warmup, bos, eos, pad, micro, compile_
     if not dist.is_initialized():
         init_distributed("nccl")
     model = AnyMAL(None, resampler, llm, bos, eos, pad, packing=True)
-    trainer = Trainer(config, model, lambda state: None, DistEnv(0, 1, 0), torch.device("cuda"))
+    trainer = Trainer(config, CaptionStage(model, config), lambda state: None, DistEnv(0, 1, 0), torch.device("cuda"))
 
     def step(batch):
         trainer.train_step([batch])

@@ -10,6 +10,7 @@ Validation needs no process group, so a wrong config fails before anything is la
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import types
 import typing
@@ -55,6 +56,21 @@ class LLMConfig:
     attn_implementation: str = "sdpa"
     # torch.compile each decoder layer (dynamic shapes): fuses norms, rotary and activations around the GEMMs.
     compile_layers: bool = False
+    # Stage 2: "none" keeps the frozen weights in `dtype`; "nf4" loads them 4-bit for QLoRA (bitsandbytes NF4 with
+    # double quantisation, computing in `dtype`).
+    quantization: str = "none"
+
+
+@dataclass
+class LoRAConfig:
+    """Stage 2: peft LoRA adapters on the LLM (the recipe: rank 64, alpha 16, dropout 0.05, every projection)."""
+
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 @dataclass
@@ -67,6 +83,13 @@ class ModelConfig:
     # Pack a micro batch's samples into one row (block-diagonal attention, positions restart per sample) instead of
     # padding every caption to the longest; the loss is identical, the padding compute is gone.
     packing: bool = True
+    # Stage 2 only: the adapters, where the stage-1 resampler comes from (its export/ directory, its run directory,
+    # or one checkpoint directory; empty starts from a fresh resampler), the longest sample in tokens (image tokens
+    # included; longer conversations lose their end, never the image) and an optional system prompt.
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    stage1_resampler: str = ""
+    max_sequence_tokens: int = 2048
+    system_prompt: str = ""
 
 
 @dataclass
@@ -99,6 +122,8 @@ class OptimConfig:
     # Cosine decay from lr to lr * min_lr_ratio over the remaining steps.
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    # Stage 2: the resampler's own learning rate (same schedule); null trains it at `lr` like the adapters.
+    resampler_lr: float | None = None
 
 
 @dataclass
@@ -139,6 +164,9 @@ class LoggingConfig:
 
 @dataclass
 class RunConfig:
+    # 1: align the resampler on captions (python -m pipeline.train); 2: instruction-tune the resampler and LoRA
+    # adapters on conversations (python -m pipeline.train_stage2).
+    stage: int = 1
     run_dir: str = "runs/stage1"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -291,6 +319,36 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             f"'logging.wandb_mode' must be auto, online, offline or disabled, got '{config.logging.wandb_mode}'"
         )
+    if config.stage not in (1, 2):
+        raise ConfigError(f"'stage' must be 1 or 2, got {config.stage}")
+    if config.stage == 2:
+        _validate_stage2(config)
+    elif model.llm.quantization != "none":
+        raise ConfigError("'model.llm.quantization' is for stage 2 (QLoRA); stage 1 keeps the frozen LLM in its dtype")
+
+
+def _validate_stage2(config: RunConfig) -> None:
+    model, lora = config.model, config.model.lora
+    if config.data.input != "images":
+        raise ConfigError("stage 2 reads conversation shards with images; set data.input=images")
+    if lora.r <= 0 or lora.alpha <= 0:
+        raise ConfigError(f"'model.lora.r' and 'model.lora.alpha' must be positive, got {lora.r} and {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"'model.lora.dropout' must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        raise ConfigError("'model.lora.target_modules' is empty; name the projections to adapt, e.g. [q_proj, v_proj]")
+    if model.max_sequence_tokens <= model.resampler.num_latents:
+        raise ConfigError(
+            f"'model.max_sequence_tokens'={model.max_sequence_tokens} leaves no room for text after the "
+            f"{model.resampler.num_latents} image tokens; raise it"
+        )
+    if config.optim.resampler_lr is not None and config.optim.resampler_lr <= 0:
+        raise ConfigError(f"'optim.resampler_lr' must be positive or null, got {config.optim.resampler_lr}")
+    if model.llm.quantization not in ("none", "nf4"):
+        raise ConfigError(f"'model.llm.quantization' must be none or nf4, got '{model.llm.quantization}'")
+    # find_spec, not import: config checks stay fast.
+    if model.llm.quantization == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.llm.quantization=nf4 needs bitsandbytes; pip install 'bitsandbytes>=0.50'")
 
 
 def gradient_accumulation_steps(config: RunConfig, world_size: int) -> int:

@@ -1,5 +1,8 @@
 """Evaluation entry point: score a trained run on a captioning or VQA benchmark, or on the toy world.
 
+Stage-1 runs caption (coco_caption, toy_caption); stage-2 runs (a run directory, its export/ or a merged directory)
+answer VQA questions and caption through their chat prompt (coco_caption, vqa).
+
     python -m pipeline.eval --run RUN_DIR --task coco_caption --annotations dataset_coco.json --images COCO --out DIR
     python -m pipeline.eval --run RUN_DIR --task vqa --questions Q.json --annotations A.json --images val2014 --out DIR
     python -m pipeline.eval --run RUN_DIR --task toy_caption --shards 'runs/demo/shards/val/*.tar' --out DIR
@@ -79,18 +82,27 @@ def read_benchmark(args):
     return benchmarks.take_first(benchmark, args.limit) if args.limit else benchmark
 
 
-def check_run(args) -> None:
+def run_stage(args) -> int:
+    """1 or 2, from the run's export: a stage-2 export has a manifest (and may be a merged directory)."""
     run = Path(args.run)
+    if (run / "manifest.json").is_file() or (run / "export" / "manifest.json").is_file():
+        return 2
     for needed in ("config.yaml", "export/resampler.safetensors"):
         if not (run / needed).is_file():
             raise ConfigError(f"--run {run} has no {needed}; point at a training run that finished and exported")
-    # Stage 1 trains captions with no text before them, so its models cannot follow a question. An instruction-tuned
-    # (stage 2) run will plug its generate(images, prompts) in here and in `evaluate`.
-    if args.task == "vqa":
+    return 1
+
+
+def check_run(args) -> None:
+    stage = run_stage(args)
+    # Stage 1 trains captions with no text before them, so its models cannot follow a question.
+    if args.task == "vqa" and stage == 1:
         raise ConfigError(
-            f"--task vqa needs an instruction-tuned (stage 2) run; {run} is a stage-1 run, which "
+            f"--task vqa needs an instruction-tuned (stage 2) run; {args.run} is a stage-1 run, which "
             "only captions (use --task coco_caption)"
         )
+    if args.task == "toy_caption" and stage == 2:
+        raise ConfigError(f"--task toy_caption scores stage-1 captions; {args.run} is a stage-2 run (use --task vqa)")
 
 
 def start_processes():
@@ -104,24 +116,33 @@ def start_processes():
     return dist_env, device_for(dist_env)
 
 
-def run_fingerprint(args, config) -> dict:
-    """What the generated texts depend on besides the items; a resumed run must match it."""
-    weights = Path(args.run) / "export" / "resampler.safetensors"
+def sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with weights.open("rb") as file:
+    with path.open("rb") as file:
         for block in iter(lambda: file.read(1 << 24), b""):
             digest.update(block)
-    return {
+    return digest.hexdigest()
+
+
+def run_fingerprint(args, export_dir: Path, llm: str, vision: str) -> dict:
+    """What the generated texts depend on besides the items; a resumed run must match it."""
+    fingerprint = {
         "run": str(Path(args.run).resolve()),
-        "resampler_sha256": digest.hexdigest(),
+        "resampler_sha256": sha256(export_dir / "resampler.safetensors"),
         "task": args.task,
-        "llm": config.model.llm.model,
-        "vision": config.model.vision.model,
+        "llm": llm,
+        "vision": vision,
         "max_new_tokens": args.max_new_tokens,
     }
+    adapter = export_dir / "adapter" / "adapter_model.safetensors"
+    if adapter.is_file():
+        fingerprint["adapter_sha256"] = sha256(adapter)
+    return fingerprint
 
 
 def evaluate(args, benchmark, device) -> dict | None:
+    if run_stage(args) == 2:
+        return evaluate_instruct(args, benchmark, device)
     from transformers import CLIPImageProcessor
 
     from pipeline.evaluation.loading import load_run
@@ -147,9 +168,28 @@ def evaluate(args, benchmark, device) -> dict | None:
         args.out,
         batch_size=args.batch_size,
         part_size=args.part_size,
-        fingerprint=run_fingerprint(args, config),
+        fingerprint=run_fingerprint(args, Path(args.run) / "export", config.model.llm.model, config.model.vision.model),
         metrics=tuple(args.metrics.split(",")),
     )
+
+
+def evaluate_instruct(args, benchmark, device) -> dict | None:
+    """VQA or captioning with a stage-2 model: its answers to the benchmark's documented prompts."""
+    from transformers import CLIPImageProcessor
+
+    from pipeline.evaluation.loading import find_instruct_export, load_instruct
+    from pipeline.evaluation.runner import InstructAnswerer
+
+    model, tokenizer, manifest = load_instruct(args.run, device)
+    answerer = InstructAnswerer(model, tokenizer, CLIPImageProcessor.from_pretrained(manifest["vision_model"]),
+                                args.max_new_tokens, manifest["system_prompt"])
+    export_dir = find_instruct_export(args.run)
+    fingerprint = run_fingerprint(args, export_dir, manifest["llm_model"], manifest["vision_model"])
+    options = {"batch_size": args.batch_size, "part_size": args.part_size, "fingerprint": fingerprint}
+    if args.task == "vqa":
+        return benchmarks.evaluate_vqa(benchmark, answerer, args.out, **options)
+    return benchmarks.evaluate_captions(benchmark, answerer, args.out, metrics=tuple(args.metrics.split(",")),
+                                        **options)
 
 
 def main(argv=None) -> int:

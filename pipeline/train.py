@@ -3,7 +3,8 @@
 Launch it under the deepspeed launcher, torchrun or srun (it reads its rank from the environment), or bare for a
 single process. Pointing at an existing run directory resumes it: `--resume runs/stage1` reads the config saved
 there, and a run whose run_dir already holds a complete checkpoint continues from it (this is how a requeued SLURM
-job picks up). The story: check config and shards → process group → frozen towers and resampler → data → train.
+job picks up). The story: check config and shards → process group → frozen towers and resampler, frozen for the
+stage → data → train → export, then `<run_dir>/FINISHED`. Stage 2 (`pipeline.train_stage2`) tells the same story.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig, gradient_accumulation_steps, load_config, save_config, to_dict
+from pipeline.config import ConfigError, RunConfig, gradient_accumulation_steps, load_config, save_config
 from pipeline.data.shards import DataError, expand_shards
 from pipeline.training.distributed import read_dist_env
 
@@ -48,6 +50,9 @@ def resolve_config(args) -> RunConfig:
 def preflight(config: RunConfig) -> list[list[str]]:
     """Everything that can be checked before a process group exists; returns the expanded shard lists."""
     gradient_accumulation_steps(config, read_dist_env().world_size)
+    source = config.model.stage1_resampler
+    if config.stage == 2 and source and not Path(source).exists():
+        raise ConfigError(f"model.stage1_resampler '{source}' does not exist; point at a stage-1 run or its export/")
     return [expand_shards(s.shards, f"data.sources[{i}].shards") for i, s in enumerate(config.data.sources)]
 
 
@@ -64,11 +69,35 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     root.setLevel(logging.INFO)
 
 
+def build_stage(config: RunConfig, tokenizer, device):
+    """The model on `device`, frozen for the run's stage, inside that stage (what the trainer needs of it)."""
+    from pipeline.model.anymal import build_anymal
+    from pipeline.training.stages import CaptionStage, InstructStage
+
+    model = build_anymal(config.model, tokenizer, load_vision=config.data.input == "images", device=device)
+    if model.vision is not None:
+        model.vision.to(device)
+    if config.model.llm.quantization == "none":  # a quantized LLM was loaded onto the device
+        model.llm.to(device)
+    if config.stage == 1:
+        return CaptionStage(model, config)
+    from pipeline.model.lora import add_lora
+    from pipeline.training.export import load_stage1_resampler
+
+    if config.model.stage1_resampler:
+        model.resampler, source = load_stage1_resampler(config.model.stage1_resampler)
+        log.info("stage-1 resampler from %s", source)
+    else:
+        log.warning("model.stage1_resampler is empty: stage 2 starts from a freshly initialised resampler")
+    model.resampler.to(device)
+    model.llm = add_lora(model.llm, config.model.lora)
+    return InstructStage(model, config)
+
+
 def run(config: RunConfig) -> str:
     from transformers import AutoTokenizer
 
-    from pipeline.data.loaders import build_caption_loader, build_val_batches
-    from pipeline.model.anymal import build_anymal
+    from pipeline.data.loaders import build_train_loader, build_val_batches
     from pipeline.prep.offline import enforce_offline
     from pipeline.training.distributed import device_for, init_distributed
     from pipeline.training.trainer import Trainer, make_metrics_logger
@@ -87,12 +116,9 @@ def run(config: RunConfig) -> str:
     torch.manual_seed(config.train.seed)
     device = device_for(dist_env)
     tokenizer = AutoTokenizer.from_pretrained(config.model.llm.model)
-    model = build_anymal(config.model, tokenizer, load_vision=config.data.input == "images")
-    model.llm.to(device)
-    if model.vision is not None:
-        model.vision.to(device)
+    stage = build_stage(config, tokenizer, device)
     trainer = Trainer(
-        config, model, lambda state: build_caption_loader(config, dist_env, state), dist_env, device,
+        config, stage, lambda state: build_train_loader(config, dist_env, state), dist_env, device,
         val_batches=build_val_batches(config, dist_env),
     )
     trainer.maybe_resume()
@@ -102,22 +128,31 @@ def run(config: RunConfig) -> str:
     if dist_env.is_main:
         from pipeline.training.samples import SampleLogger
 
-        samples = SampleLogger(config, model, run_dir, metrics)
-        sample_round = (lambda step: samples.log_round(step, tokenizer)) if samples.enabled else None
-    log.info("training to step %d: global batch %d = micro %d x %d ranks x %d accumulation", config.train.max_steps,
-             config.train.global_batch_size, config.train.micro_batch_size, dist_env.world_size, trainer.accumulation)
+        samples = SampleLogger(config, stage.model, run_dir, metrics, tokenizer)
+        sample_round = samples.log_round if samples.enabled else None
+    log.info("%s to step %d: global batch %d = micro %d x %d ranks x %d accumulation", stage.name,
+             config.train.max_steps, config.train.global_batch_size, config.train.micro_batch_size,
+             dist_env.world_size, trainer.accumulation)
     reason = trainer.fit(metrics, sample_round)
-    if reason == "max_steps":
-        trainer.export(to_dict(config.model))
+    # The batch script may re-send the stop warning while this process exports and exits.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if reason == "max_steps" and dist_env.is_main:
+        trainer.export()
+        # Written last: a requeued job (launch/*.sbatch) takes it to mean the run has reached its end.
+        (run_dir / "FINISHED").write_text(f"{trainer.step}\n")
     log.info("stopped at step %d: %s", trainer.step, reason)
     metrics.close()
     return reason
 
 
-def main(argv=None) -> int:
+def main(argv=None, stage: int = 1) -> int:
+    """`stage` is the stage this entry point trains (pipeline.train_stage2 passes 2); the config must agree."""
     args = parse_args(argv)
     try:
         config = resolve_config(args)
+        if config.stage != stage:
+            entry = "pipeline.train_stage2" if config.stage == 2 else "pipeline.train"
+            raise ConfigError(f"the config says stage: {config.stage}; train it with python -m {entry}")
         preflight(config)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -77,15 +77,18 @@ class CaptionSampleDecoder:
         raise NotImplementedError
 
 
-class CaptionDecoder(CaptionSampleDecoder):
-    """JPEG/PNG/WebP + caption -> {"key", "pixel_values": [3, S, S], "caption_ids": [n]}."""
+class ImageDecoder:
+    """JPEG/PNG/WebP bytes -> {"pixel_values": [3, S, S]} through the CLIP image processor.
 
-    image_members = IMAGE_MEMBERS
+    Picklable and cheap to pickle: the processor loads lazily, once per process, and is never pickled.
+    """
 
-    def __init__(self, image_processor_path: str, tokenizer_path: str, max_caption_tokens: int):
-        super().__init__(tokenizer_path, max_caption_tokens)
+    def __init__(self, image_processor_path: str):
         self.image_processor_path = image_processor_path
         self._image_processor = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_image_processor": None}
 
     @property
     def image_processor(self):
@@ -96,10 +99,9 @@ class CaptionDecoder(CaptionSampleDecoder):
         return self._image_processor
 
     def load(self) -> None:
-        super().load()
         _ = self.image_processor
 
-    def decode_image(self, data: bytes) -> dict[str, torch.Tensor]:
+    def __call__(self, data: bytes) -> dict[str, torch.Tensor]:
         try:
             with Image.open(io.BytesIO(data)) as image:
                 rgb = image.convert("RGB")
@@ -107,6 +109,31 @@ class CaptionDecoder(CaptionSampleDecoder):
             raise SkipSample("corrupt_image", describe_error(error)) from None
         pixel_values = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": pixel_values.float()}
+
+
+class CaptionDecoder(CaptionSampleDecoder):
+    """JPEG/PNG/WebP + caption -> {"key", "pixel_values": [3, S, S], "caption_ids": [n]}."""
+
+    image_members = IMAGE_MEMBERS
+
+    def __init__(self, image_processor_path: str, tokenizer_path: str, max_caption_tokens: int):
+        super().__init__(tokenizer_path, max_caption_tokens)
+        self.images = ImageDecoder(image_processor_path)
+
+    @property
+    def image_processor_path(self) -> str:
+        return self.images.image_processor_path
+
+    @property
+    def image_processor(self):
+        return self.images.image_processor
+
+    def load(self) -> None:
+        super().load()
+        self.images.load()
+
+    def decode_image(self, data: bytes) -> dict[str, torch.Tensor]:
+        return self.images(data)
 
 
 def collate_captions(samples: list[dict]) -> dict:

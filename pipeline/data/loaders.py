@@ -8,6 +8,18 @@ from pipeline.data.shards import expand_shards
 from pipeline.data.stream import ShardLoader
 
 
+def sample_codec(config: RunConfig):
+    """(decoder, collate) of the run's shards: conversations for stage 2, captions for stage 1."""
+    if config.stage == 2:
+        from pipeline.data.conversations import ConversationDecoder, collate_conversations
+
+        model = config.model
+        decoder = ConversationDecoder(model.vision.model, model.llm.model, model.resampler.num_latents,
+                                      model.max_sequence_tokens, model.system_prompt)
+        return decoder, collate_conversations
+    return caption_decoder(config), collate_captions
+
+
 def caption_decoder(config: RunConfig):
     """Decodes image shards through the CLIP processor, or feature shards as they were cached."""
     if config.data.input == "features":
@@ -17,12 +29,13 @@ def caption_decoder(config: RunConfig):
     return CaptionDecoder(config.model.vision.model, config.model.llm.model, config.model.max_caption_tokens)
 
 
-def build_caption_loader(config: RunConfig, dist_env, state: dict | None) -> ShardLoader:
+def build_train_loader(config: RunConfig, dist_env, state: dict | None) -> ShardLoader:
     data = config.data
+    decoder, collate = sample_codec(config)
     return ShardLoader(
         [(source.shards, source.weight) for source in data.sources],
-        caption_decoder(config),
-        collate_captions,
+        decoder,
+        collate,
         micro_batch_size=config.train.micro_batch_size,
         num_workers=data.num_workers,
         shuffle_buffer=data.shuffle_buffer,
@@ -38,11 +51,11 @@ def build_val_batches(config: RunConfig, dist_env):
     if not config.data.val_shards:
         return None
     shards = expand_shards(config.data.val_shards, "data.val_shards")
-    decoder = caption_decoder(config)
+    decoder, collate = sample_codec(config)
 
     def batches():
         return iterate_eval_batches(
-            shards, decoder, collate_captions, config.train.micro_batch_size, dist_env.rank, dist_env.world_size
+            shards, decoder, collate, config.train.micro_batch_size, dist_env.rank, dist_env.world_size
         )
 
     return batches

@@ -20,12 +20,14 @@ import bisect
 import logging
 import math
 import os
+import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.shards import (
@@ -40,7 +42,10 @@ from pipeline.data.shards import (
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-SKIP_REASONS = ("corrupt_image", "empty_caption", "missing_member", "bad_tar")
+# Stage 2 adds bad_conversation (unreadable or malformed conversation JSON) and no_supervised_tokens (nothing of an
+# assistant turn left within the sequence budget).
+SKIP_REASONS = ("corrupt_image", "empty_caption", "missing_member", "bad_tar", "bad_conversation",
+                "no_supervised_tokens")
 WARNING_INTERVAL_S = 10.0
 # That many skipped samples in a row means a systematic problem (wrong decoder for these shards, say), which
 # an endless stream would otherwise hide behind rate-limited warnings while yielding nothing.
@@ -362,6 +367,13 @@ def keep_batch(batch: dict) -> dict:
     return batch
 
 
+def leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
+    """Data-loader workers ignore SIGTERM and SIGUSR1: Slurm and the deepspeed launcher signal every process of a
+    job, and torch's worker handler dies on SIGTERM, which would fail the rank before the trainer can checkpoint."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class ShardLoader:
     """This rank's endless, resumable stream of micro batches over weighted webdataset sources.
 
@@ -438,7 +450,8 @@ class ShardLoader:
             # Everything in the stream pickles, so "forkserver" or "spawn" also work where fork is unwelcome.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             self._loader_options.update(
-                multiprocessing_context=multiprocessing_context, persistent_workers=True, prefetch_factor=2
+                multiprocessing_context=multiprocessing_context, persistent_workers=True, prefetch_factor=2,
+                worker_init_fn=leave_stop_signals_to_the_trainer,
             )
         self._dataloader: DataLoader | None = None
         self._iterator: Iterator[dict] | None = None
@@ -496,7 +509,11 @@ class ShardLoader:
         self._latest_states = self.state_dict()["readers"]
         self._stream.reader_states = list(self._latest_states)
         self._delivered = 0
-        self._dataloader = DataLoader(self._stream, batch_size=None, collate_fn=keep_batch, **self._loader_options)
+        # A generator of its own: by default a DataLoader draws its workers' base seed from the global torch RNG when
+        # iteration starts, which would shift the training process's random stream (LoRA dropout) on every resume.
+        generator = torch.Generator().manual_seed(self._stream.seed)
+        self._dataloader = DataLoader(self._stream, batch_size=None, collate_fn=keep_batch, generator=generator,
+                                      **self._loader_options)
         self._iterator = iter(self._dataloader)
 
     def state_dict(self) -> dict:

@@ -211,3 +211,35 @@ class Stage1Captioner:
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         token_ids = self.model.generate_captions({"pixel_values": pixel_values}, self.max_new_tokens)
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+
+
+class InstructAnswerer:
+    """`generate` for an instruction-tuned (stage 2) model: each prompt is a user turn about its image.
+
+    Answers are greedy and end at <|eot_id|>, from exactly the training format (`pipeline.data.conversations`):
+    the chat template, the optional system prompt, the image where `<image>` stands or at the start of the turn.
+    `answer` takes whole conversations (LLaVA turns, the last one a human turn) for multi-turn use.
+    """
+
+    uses_prompts = True
+
+    def __init__(self, model, tokenizer, image_processor, max_new_tokens: int = 32, system_prompt: str = ""):
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.max_new_tokens, self.system_prompt = max_new_tokens, system_prompt
+
+    def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
+        return self.answer(images, [[{"from": "human", "value": prompt}] for prompt in prompts])
+
+    @torch.no_grad()
+    def answer(self, images: list[Image.Image], conversations: list[list[dict]], streamer=None) -> list[str]:
+        from pipeline.data.conversations import chat_messages, encode_prompt, stop_token_ids
+
+        device = next(self.model.resampler.parameters()).device
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        prompts, offsets = zip(
+            *(encode_prompt(self.tokenizer, chat_messages(turns, self.system_prompt)) for turns in conversations),
+            strict=True,
+        )
+        token_ids = self.model.generate({"pixel_values": pixel_values}, list(prompts), list(offsets),
+                                        self.max_new_tokens, stop_token_ids(self.tokenizer), streamer=streamer)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]

@@ -21,16 +21,33 @@ def check_attn_implementation(name: str) -> None:
         )
 
 
-def load_llm(config: LLMConfig) -> PreTrainedModel:
+def quantization_config(config: LLMConfig):
+    """QLoRA's 4-bit base weights: NF4 with double quantisation, computing in the configured dtype."""
+    if config.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=config.quantization, bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(config.dtype),
+    )
+
+
+def load_llm(config: LLMConfig, device=None) -> PreTrainedModel:
+    """The frozen LLM in eval mode. A quantized LLM is loaded straight onto `device` (bitsandbytes quantizes
+    while loading); an unquantized one is loaded on the CPU and moved by the caller."""
     check_attn_implementation(config.attn_implementation)
+    quantization = quantization_config(config)
+    placement = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device)}}
     llm = AutoModelForCausalLM.from_pretrained(
-        config.model, dtype=torch_dtype(config.dtype), attn_implementation=config.attn_implementation
+        config.model, dtype=torch_dtype(config.dtype), attn_implementation=config.attn_implementation, **placement
     )
     llm.requires_grad_(False)
     llm.eval()
     if config.compile_layers:
         for layer in llm.get_decoder().layers:
             layer.compile(dynamic=True)
-    log.info("LLM %s: %s parameters, %s attention%s", config.model, f"{llm.num_parameters():,}",
-             config.attn_implementation, ", compiled layers" if config.compile_layers else "")
+    log.info("LLM %s: %s parameters, %s attention%s%s", config.model, f"{llm.num_parameters():,}",
+             config.attn_implementation, ", compiled layers" if config.compile_layers else "",
+             f", {config.quantization} weights" if quantization is not None else "")
     return llm

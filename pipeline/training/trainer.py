@@ -1,7 +1,9 @@
-"""The training loop: the one place that knows DeepSpeed.
+"""The training loop of both stages: the one place that knows DeepSpeed.
 
 It owns engine initialisation, the optimizer step with token-normalised loss, checkpoints and exact resume,
-validation, preemption signals, logging and the final export. Model and data code know nothing of the engine.
+validation, preemption signals, logging and the final export. Model and data code know nothing of the engine; a
+stage (`pipeline.training.stages`) says what the engine wraps, which parameter groups the optimizer gets, how a
+micro batch's loss and token counts are computed, and how the result is exported.
 
 Loss normalisation: the loss of a step is the mean over every supervised token of the global batch, whatever the
 micro-batch split and world size (the mistake discussed in transformers issue #35203 is averaging per micro batch).
@@ -25,8 +27,7 @@ import torch.distributed as dist
 
 from pipeline.config import RunConfig, gradient_accumulation_steps, to_dict
 from pipeline.training import checkpoint as ckpt
-from pipeline.training.export import export_resampler
-from pipeline.training.metrics import MetricsLogger, peak_tflops, step_flops, wandb_mode
+from pipeline.training.metrics import MetricsLogger, peak_tflops, wandb_mode
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +76,6 @@ def lr_lambda(config: RunConfig):
     return factor
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and the latents; leave biases and norm gains alone."""
-    decay, no_decay = [], []
-    for param in module.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class StopSignal:
     """Turns SIGUSR1 (SLURM's pre-timeout warning) and SIGTERM (preemption) into a checkpoint-and-exit request."""
 
@@ -97,36 +89,30 @@ class StopSignal:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, model, make_loader, dist_env, device: torch.device, val_batches=None):
-        """`make_loader(state)` builds this rank's training loader, from a saved position or from the start."""
+    def __init__(self, config: RunConfig, stage, make_loader, dist_env, device: torch.device, val_batches=None):
+        """`stage` is a `CaptionStage` or `InstructStage` (its model frozen for it); `make_loader(state)` builds this
+        rank's training loader, from a saved position or from the start."""
         import deepspeed
 
-        self.config, self.model, self.make_loader = config, model, make_loader
+        self.config, self.stage, self.make_loader = config, stage, make_loader
         self.loader = None
         self.dist_env, self.device = dist_env, device
         self.val_batches = val_batches
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.accumulation = gradient_accumulation_steps(config, dist_env.world_size)
-        self.trainable = model.freeze_for_stage1()
         optimizer = torch.optim.AdamW(
-            param_groups(model.resampler, config.optim.weight_decay),
-            lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
+            stage.param_groups(), lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model.resampler, optimizer=optimizer, lr_scheduler=scheduler,
+            model=stage.trainable_module(), optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(config, dist_env.world_size), dist_init_required=False,
         )
         self.step = 0
         self.samples_seen = 0
         self.wandb_id = None
         self.stop_signal = StopSignal()
-        self._flop_counts = (
-            sum(p.numel() for p in model.llm.parameters()),
-            self.trainable,
-            sum(p.numel() for p in model.vision.parameters()) if model.vision is not None else 0,
-        )
 
     # -- checkpoints -------------------------------------------------------------------------------------------
 
@@ -160,9 +146,7 @@ class Trainer:
         """One optimizer step over this rank's micro batches; returns step statistics (global sums)."""
         local = torch.zeros(3, dtype=torch.float64)
         for batch in micro_batches:
-            lengths = batch["caption_lengths"]
-            local[0] += lengths.sum()
-            local[1] += lengths.numel()
+            local += torch.tensor(self.stage.token_counts(batch), dtype=torch.float64)
         totals = local.to(self.device)
         dist.all_reduce(totals)
         global_tokens = totals[0].item()
@@ -170,17 +154,15 @@ class Trainer:
         world = self.dist_env.world_size
         for batch in micro_batches:
             batch = self._to_device(batch)
-            micro_loss, _ = self.model.caption_loss(batch, resampler=self.engine)
+            micro_loss, _ = self.stage.loss(self.engine, batch)
             self.engine.backward(micro_loss * (world / global_tokens), scale_wrt_gas=False)
             self.engine.step()
             loss_sum += micro_loss.detach().double()
         dist.all_reduce(loss_sum)
         if self.config.train.record_sample_keys:
             self._record_keys(micro_batches)
-        samples = int(totals[1].item())
-        prefix_tokens = samples * (1 + self.model.resampler.num_latents)
-        return {"loss": loss_sum.item() / global_tokens, "caption_tokens": global_tokens, "samples": samples,
-                "llm_tokens": global_tokens + prefix_tokens}
+        return {"loss": loss_sum.item() / global_tokens, "supervised_tokens": global_tokens,
+                "samples": int(totals[1].item()), "llm_tokens": totals[2].item()}
 
     def _record_keys(self, micro_batches: list[dict]) -> None:
         keys = [key for batch in micro_batches for key in batch["keys"]]
@@ -200,12 +182,13 @@ class Trainer:
         if self.val_batches is None:
             return None
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for index, batch in enumerate(self.val_batches()):
-            if index >= self.config.train.eval_batches:
-                break
-            loss, tokens = self.model.caption_loss(self._to_device(batch), resampler=self.engine)
-            totals[0] += loss.double()
-            totals[1] += tokens.double()
+        with self.stage.model.evaluating():  # no adapter dropout in the validation loss
+            for index, batch in enumerate(self.val_batches()):
+                if index >= self.config.train.eval_batches:
+                    break
+                loss, tokens = self.stage.loss(self.engine, self._to_device(batch))
+                totals[0] += loss.double()
+                totals[1] += tokens.double()
         dist.all_reduce(totals)
         return (totals[0] / totals[1].clamp(min=1)).item()
 
@@ -238,7 +221,8 @@ class Trainer:
             if self.step % cfg.log_every_steps == 0 or self.step == 1:
                 metrics.log(self.step, self._step_metrics(stats, window, world, peak))
                 window = dict.fromkeys(window, 0)
-            if sample_round is not None and sample_every and (self.step % sample_every == 0 or self.step == cfg.max_steps):
+            sample_due = sample_every and (self.step % sample_every == 0 or self.step == cfg.max_steps)
+            if sample_round is not None and sample_due:
                 sample_round(self.step)
             if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0:
                 val_loss = self.validate()
@@ -263,13 +247,7 @@ class Trainer:
 
     def _step_metrics(self, stats: dict, window: dict, world: int, peak: float | None) -> dict:
         seconds = max(window["time"], 1e-9)
-        n_llm, n_res, n_vis = self._flop_counts
-        latents = self.model.resampler.num_latents
-        vision_tokens = 0
-        if self.model.vision is not None:
-            clip_config = self.model.vision.clip.config
-            vision_tokens = (clip_config.image_size // clip_config.patch_size) ** 2 + 1
-        flops = step_flops(n_llm, n_res, n_vis, window["llm_tokens"], window["samples"], latents, vision_tokens)
+        flops = self.stage.flops(window["llm_tokens"], window["samples"])
         out = {
             "loss": stats["loss"],
             "lr": self.scheduler.get_last_lr()[0],
@@ -295,10 +273,11 @@ class Trainer:
             dist.all_reduce(values)
         return dict(zip(names, values.tolist(), strict=True))
 
-    def export(self, model_config: dict) -> Path | None:
+    def export(self) -> Path | None:
+        """Rank 0 writes the stage's export to <run_dir>/export."""
         if not self.dist_env.is_main:
             return None
-        return export_resampler(self.engine.module, self.run_dir / "export", model_config, self.step)
+        return self.stage.export(self.engine.module, self.run_dir / "export", self.step)
 
 
 def _grad_norm(engine) -> float:

@@ -1,7 +1,10 @@
-"""One rank of a short stage-1 run on a FIXED global batch sequence, for the update-equivalence test.
+"""One rank of a short stage-1 or stage-2 run on a FIXED global batch sequence, for the update-equivalence tests.
 
 Usage (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by the test):
-    python tests/workers/fixed_batch_steps.py MODEL_DIR OUT_PT MICRO GLOBAL STEPS
+    python tests/workers/fixed_batch_steps.py MODEL_DIR OUT_PT MICRO GLOBAL STEPS [STAGE]
+
+Stage 2 trains the resampler and LoRA adapters (dropout 0, B initialised at random so that A gets gradients from
+the first step) on conversations whose labels cover only some tokens and whose image sits at varying offsets.
 
 Every configuration sees the same global batches; only the split over ranks and micro batches differs. Rank r
 takes micro-batch chunks r, r + W, r + 2W, ... of each global batch. Captions have different lengths, so any
@@ -17,9 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.model.anymal import build_anymal  # noqa: E402
+from pipeline.model.anymal import IGNORE_INDEX, build_anymal  # noqa: E402
 from pipeline.training.distributed import device_for, init_distributed  # noqa: E402
 from pipeline.training.metrics import MetricsLogger  # noqa: E402
+from pipeline.training.stages import CaptionStage, InstructStage  # noqa: E402
 from pipeline.training.trainer import Trainer  # noqa: E402
 
 
@@ -37,18 +41,30 @@ def global_batches(steps: int, global_size: int, vocab: int, image_size: int, eo
         yield samples
 
 
+def conversation_batches(steps: int, global_size: int, vocab: int, image_size: int, bos: int):
+    """Texts of BOS + random tokens, about a third of them supervised, the image after token 1, 2 or 3."""
+    generator = torch.Generator().manual_seed(8)
+    for step in range(steps):
+        samples = []
+        for i in range(global_size):
+            length = int(torch.randint(6, 20, (1,), generator=generator))
+            ids = torch.randint(5, vocab, (length,), generator=generator)
+            ids[0] = bos
+            supervised = torch.rand(length, generator=generator) < 0.35
+            supervised[0], supervised[-1] = False, True
+            samples.append({"key": f"s{step}_{i}", "pixel_values": torch.randn(3, image_size, image_size,
+                                                                                generator=generator),
+                            "text_ids": ids, "text_labels": ids.masked_fill(~supervised, IGNORE_INDEX),
+                            "image_offset": int(torch.randint(1, 4, (1,), generator=generator))})
+        yield samples
+
+
 class FixedLoader:
-    def __init__(self, batches, rank, world, micro):
+    def __init__(self, batches, rank, world, micro, collate):
         self.micro_batches = []
         for samples in batches:
             chunks = [samples[i : i + micro] for i in range(0, len(samples), micro)]
-            for chunk in chunks[rank::world]:
-                self.micro_batches.append({
-                    "keys": [s["key"] for s in chunk],
-                    "pixel_values": torch.stack([s["pixel_values"] for s in chunk]),
-                    "caption_ids": torch.cat([s["caption_ids"] for s in chunk]),
-                    "caption_lengths": torch.tensor([len(s["caption_ids"]) for s in chunk]),
-                })
+            self.micro_batches += [collate(chunk) for chunk in chunks[rank::world]]
 
     def __iter__(self):
         return iter(self.micro_batches)
@@ -63,11 +79,14 @@ class FixedLoader:
 def main():
     model_dir, out_path = Path(sys.argv[1]), Path(sys.argv[2])
     micro, global_size, steps = (int(a) for a in sys.argv[3:6])
+    stage = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     run_dir = out_path.parent / (out_path.stem + "_run")
-    config = load_config(ROOT / "configs/toy.yaml", [
+    stage2 = ["stage=2", "model.lora.r=4", "model.lora.dropout=0.0", "model.stage1_resampler="] if stage == 2 else []
+    config = load_config(ROOT / ("configs/toy_stage2.yaml" if stage == 2 else "configs/toy.yaml"), [*stage2,
         f"run_dir={run_dir}", f"model.vision.model={model_dir}/clip", f"model.llm.model={model_dir}/llm",
         f"train.micro_batch_size={micro}", f"train.global_batch_size={global_size}", f"train.max_steps={steps}",
         "train.save_every_steps=1000", "train.log_every_steps=1", "optim.warmup_steps=1", "data.shuffle_buffer=0",
+        "optim.weight_decay=0.0", "train.eval_every_steps=0",
     ])
     dist_env = init_distributed("gloo")
     from transformers import AutoTokenizer
@@ -76,8 +95,23 @@ def main():
     torch.manual_seed(0)
     model = build_anymal(config.model, tokenizer)
     image_size = model.vision.clip.config.image_size
-    batches = list(global_batches(steps, global_size, len(tokenizer), image_size, tokenizer.eos_token_id))
-    trainer = Trainer(config, model, lambda state: FixedLoader(batches, dist_env.rank, dist_env.world_size, micro),
+    if stage == 2:
+        from pipeline.data.conversations import collate_conversations
+        from pipeline.model.lora import add_lora
+
+        model.llm = add_lora(model.llm, config.model.lora)
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05)
+        batches = list(conversation_batches(steps, global_size, len(tokenizer), image_size, tokenizer.bos_token_id))
+        stage_parts, collate = InstructStage(model, config), collate_conversations
+    else:
+        from pipeline.data.captions import collate_captions
+
+        batches = list(global_batches(steps, global_size, len(tokenizer), image_size, tokenizer.eos_token_id))
+        stage_parts, collate = CaptionStage(model, config), collate_captions
+    trainer = Trainer(config, stage_parts,
+                      lambda state: FixedLoader(batches, dist_env.rank, dist_env.world_size, micro, collate),
                       dist_env, device_for(dist_env))
     trainer.maybe_resume()
     losses, grad_norms, grads = [], [], []

@@ -1,0 +1,219 @@
+"""Stage-2 samples: an image plus a LLaVA-format conversation, as token ids, labels and the image's offset.
+
+A conversation is rendered with the tokenizer's own chat template (`apply_chat_template`, LLaMA-3-Instruct's for the
+real model), with an optional system prompt. The image goes where `<image>` stands, or at the start of the first
+user turn when no turn has it: a placeholder special token is put there, the rendered text is tokenized as a
+whole, and the placeholder's token is taken out again, leaving its index as `image_offset` (the resampler's tokens
+are inserted before text token `image_offset`).
+
+Labels come from character offsets, not from tokenizing turns one by one: the character span of each assistant
+turn (its content and the `<|eot_id|>` the template closes it with) is where rendering the conversation up to the
+turn with a generation prompt ends and rendering it up to and including the turn ends. Every token of the whole
+rendering that overlaps such a span is supervised; nothing else is (BOS, headers, user and system turns, the
+image). Tokenizing the whole text once keeps the tokens exactly those the model sees, whatever the BPE does at a
+turn boundary, and the template's own transformations (LLaMA-3 trims each message) are accounted for.
+
+Truncation drops text from the end so that image tokens plus text fit `max_sequence_tokens`; it never cuts the
+image. A sample left without a supervised token is skipped and counted (`no_supervised_tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.data.captions import IMAGE_MEMBERS, ImageDecoder
+from pipeline.data.stream import SkipSample, describe_error
+from pipeline.model.anymal import IGNORE_INDEX
+
+IMAGE_TAG = "<image>"
+# A special token of LLaMA-3's vocabulary (and of the toy tokenizer's) that no text uses: where it lands after
+# tokenization is where the image goes. It never reaches the model.
+IMAGE_PLACEHOLDER = "<|reserved_special_token_0|>"
+CONVERSATION_MEMBER = "json"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class ConversationError(ValueError):
+    """A conversation that cannot be used as it is (bad roles, no turns); the message says why."""
+
+
+class NothingToLearn(ConversationError):
+    """No assistant token is left once the conversation is cut to the sequence budget."""
+
+
+@dataclass
+class EncodedConversation:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX except on assistant tokens (and their <|eot_id|>)
+    image_offset: int  # the image's tokens go before input_ids[image_offset]
+
+
+def chat_messages(turns: list[dict], system_prompt: str = "") -> list[dict]:
+    """LLaVA turns ({"from": "human" | "gpt", "value": ...}) as chat messages with the image placeholder.
+
+    The first `<image>` of any turn becomes the placeholder; further ones are dropped. Without one, the
+    placeholder starts the first user turn, followed by a newline as in LLaVA's data.
+    """
+    if not turns:
+        raise ConversationError("no turns")
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    placed = False
+    for turn in turns:
+        role = ROLES.get(turn.get("from", turn.get("role")))
+        content = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(content, str):
+            raise ConversationError(f"turn {turn!r:.80} has no known role (human/gpt) or no text")
+        if IMAGE_TAG in content and not placed:
+            content = content.replace(IMAGE_TAG, IMAGE_PLACEHOLDER, 1)
+            placed = True
+        messages.append({"role": role, "content": content.replace(IMAGE_TAG, "")})
+    first_user = next((m for m in messages if m["role"] != "system"), None)
+    if first_user is None or first_user["role"] != "user":
+        raise ConversationError("the conversation must start with a human turn")
+    if not placed:
+        first_user["content"] = f"{IMAGE_PLACEHOLDER}\n{first_user['content']}"
+    return messages
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns (content and closing tokens) in `text`, the full rendering."""
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:index], generation_prompt=True))
+        end = len(_render(tokenizer, messages[: index + 1]))
+        if not text.startswith(_render(tokenizer, messages[: index + 1])) or start > end:
+            # A property of the tokenizer, not of one sample: stop rather than skip every sample.
+            raise RuntimeError("the tokenizer's chat template does not render a conversation's turns as prefixes of "
+                               "it; stage 2 needs a template like LLaMA-3-Instruct's")
+        spans.append((start, end))
+    return spans
+
+
+def _tokenize(tokenizer, text: str):
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return encoded["input_ids"], encoded["offset_mapping"]
+
+
+def _take_placeholder(tokenizer, ids: list[int], *others: list) -> int:
+    placeholder = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    positions = [i for i, token in enumerate(ids) if token == placeholder]
+    if len(positions) != 1:
+        raise ConversationError(f"the text holds {IMAGE_PLACEHOLDER} {len(positions)} times; it must hold it once")
+    for sequence in (ids, *others):
+        del sequence[positions[0]]
+    return positions[0]
+
+
+def encode_conversation(tokenizer, messages: list[dict], image_tokens: int, max_sequence_tokens: int
+                        ) -> EncodedConversation:
+    """Token ids, labels and image offset of `messages` (from `chat_messages`), cut to fit the budget.
+
+    Raises `NothingToLearn` when nothing supervised is left after truncation.
+    """
+    text = _render(tokenizer, messages)
+    spans = assistant_spans(tokenizer, messages, text)
+    ids, offsets = _tokenize(tokenizer, text)
+    labels = [
+        token if any(end > span_start and start < span_end for span_start, span_end in spans) else IGNORE_INDEX
+        for token, (start, end) in zip(ids, offsets, strict=True)
+    ]
+    image_offset = _take_placeholder(tokenizer, ids, labels)
+    budget = max_sequence_tokens - image_tokens
+    if image_offset > budget:
+        raise NothingToLearn(f"the image comes after {image_offset} tokens; only {budget} fit before it")
+    ids, labels = ids[:budget], labels[:budget]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise NothingToLearn(f"no assistant token is left within {budget} text tokens")
+    return EncodedConversation(ids, labels, image_offset)
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
+    """Token ids of `messages` followed by the assistant header (what generation continues), and the image offset."""
+    ids, _ = _tokenize(tokenizer, _render(tokenizer, messages, generation_prompt=True))
+    return ids, _take_placeholder(tokenizer, ids)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Tokens that end an answer: <|eot_id|> (the end of a turn) and the tokenizer's EOS."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+
+
+class ConversationDecoder:
+    """A record of an image and a `KEY.json` holding {"conversations": [...]} (LLaVA's format) ->
+    {"key", "pixel_values", "text_ids", "text_labels", "image_offset"}.
+
+    Picklable and cheap to pickle: the tokenizer and image processor load lazily, once per process.
+    """
+
+    def __init__(self, image_processor_path: str, tokenizer_path: str, image_tokens: int, max_sequence_tokens: int,
+                 system_prompt: str = ""):
+        self.images = ImageDecoder(image_processor_path)
+        self.tokenizer_path = tokenizer_path
+        self.image_tokens, self.max_sequence_tokens = image_tokens, max_sequence_tokens
+        self.system_prompt = system_prompt
+        self._tokenizer = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokenizer": None}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            if tokenizer.chat_template is None:
+                raise ValueError(f"tokenizer '{self.tokenizer_path}' has no chat template; stage 2 needs an "
+                                 "instruction-tuned model's tokenizer (e.g. Meta-Llama-3-8B-Instruct)")
+            if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+                raise ValueError(f"tokenizer '{self.tokenizer_path}' lacks {IMAGE_PLACEHOLDER}, the image placeholder")
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def load(self) -> None:
+        _ = self.tokenizer
+        self.images.load()
+
+    def __call__(self, sample: dict[str, bytes], key: str) -> dict:
+        image_member = next((name for name in IMAGE_MEMBERS if name in sample), None)
+        if image_member is None or CONVERSATION_MEMBER not in sample:
+            raise SkipSample("missing_member", f"members {sorted(sample)}")
+        tokenizer = self.tokenizer  # outside the try: a wrong tokenizer is the run's error, not the sample's
+        try:
+            record = json.loads(sample[CONVERSATION_MEMBER])
+            messages = chat_messages(record["conversations"], self.system_prompt)
+            encoded = encode_conversation(tokenizer, messages, self.image_tokens, self.max_sequence_tokens)
+        except NothingToLearn as error:
+            raise SkipSample("no_supervised_tokens", str(error)) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # ConversationError and broken JSON
+            raise SkipSample("bad_conversation", describe_error(error)) from None
+        return {
+            "key": key,
+            **self.images(sample[image_member]),
+            "text_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "text_labels": torch.tensor(encoded.labels, dtype=torch.long),
+            "image_offset": encoded.image_offset,
+        }
+
+
+def collate_conversations(samples: list[dict]) -> dict:
+    """Stack the images and concatenate the texts: {"keys", "pixel_values": [B, 3, S, S], "text_ids",
+    "text_labels": LongTensor[sum of lengths], "text_lengths", "image_offsets": LongTensor[B]}."""
+    return {
+        "keys": [sample["key"] for sample in samples],
+        "pixel_values": torch.stack([sample["pixel_values"] for sample in samples]),
+        "text_ids": torch.cat([sample["text_ids"] for sample in samples]),
+        "text_labels": torch.cat([sample["text_labels"] for sample in samples]),
+        "text_lengths": torch.tensor([len(sample["text_ids"]) for sample in samples], dtype=torch.long),
+        "image_offsets": torch.tensor([sample["image_offset"] for sample in samples], dtype=torch.long),
+    }
