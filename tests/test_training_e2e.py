@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def shards_with_bad_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shards")
-    paths = write_caption_shards(root, n_shards=4, per_shard=24)
+    # Few shards, so that both readers reach the bad ones within the 10 steps whatever the shuffle order.
+    paths = write_caption_shards(root, n_shards=2, per_shard=24)
     # Shard 00004: a corrupt JPEG and an empty caption among good samples.
     with tarfile.open(root / "00004.tar", "w") as tar:
         good = tarfile.open(paths[0])
@@ -38,7 +39,9 @@ def shards_with_bad_data(tmp_path_factory) -> Path:
         source = tarfile.open(paths[1])
         for member in source.getmembers():
             add_member(tar, "8" + member.name, source.extractfile(member).read())
-    (root / "00005.tar").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2 + 100])
+    # Cut inside the data of a member halfway through: a cut that lands in a header would read as a clean end.
+    middle = tarfile.open(fileobj=io.BytesIO(whole.getvalue())).getmembers()[len(source.getmembers()) // 2]
+    (root / "00005.tar").write_bytes(whole.getvalue()[: middle.offset_data + middle.size // 2])
     return root
 
 

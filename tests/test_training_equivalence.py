@@ -4,11 +4,10 @@ Four runs of two optimizer steps on identical global batches of 16 captions of d
 1 rank x micro 16 (no accumulation), 1 rank x micro 4 (accumulation 4), 2 ranks x micro 8, 2 ranks x micro 4
 (accumulation 2), all through DeepSpeed ZeRO-2 on gloo in fp32.
 
-Compared: the token-mean loss, DeepSpeed's gradient norm, the full averaged gradient the optimizer consumes
-(read with deepspeed.utils.safe_get_full_grad at the accumulation boundary), and the parameter update. The update
-is compared as a vector (relative L2 difference): AdamW divides each element by its own gradient magnitude, so an
-element whose gradient is ~1e-9 turns 1e-7 fp32 noise into a visible relative change of that one element; the
-gradient itself is compared element-wise.
+Compared: the full averaged gradient the optimizer consumes (read with deepspeed.utils.safe_get_full_grad at the
+accumulation boundary), element-wise as max |a - b| / max |a| per tensor; the parameter update after two steps,
+element-wise as max |a - b| / max |a| over all parameters; the token-mean loss and DeepSpeed's gradient norm. The
+worker runs AdamW with eps 1e-3 and lr 0.1 (see its overrides for why: fp32 conditioning, not the code path).
 """
 
 import os
@@ -49,14 +48,13 @@ def run_split(model_dir: Path, out: Path, world: int, micro: int, global_size: i
     return torch.load(out)
 
 
+def update_relative(a: dict, b: dict) -> float:
+    """max |a - b| over every parameter element / max |a|: the update as one vector."""
+    return (max((a[k] - b[k]).abs().max() for k in a) / max(a[k].abs().max() for k in a)).item()
+
+
 def max_relative(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a)
-
-
-def l2_relative(a: dict, b: dict) -> float:
-    x = torch.cat([a[k].flatten() for k in a])
-    y = torch.cat([b[k].flatten() for k in a])
-    return ((x - y).norm() / x.norm()).item()
 
 
 @pytest.mark.slow
@@ -76,8 +74,8 @@ def test_update_independent_of_accumulation_and_ranks(tiny_models, tmp_path):
             assert abs(norm - ref_norm) / ref_norm < TOLERANCE, name
         # The first step starts from identical parameters: its gradient must agree element-wise.
         assert max_relative(reference["grads"][0], result["grads"][0]) < TOLERANCE, name
-        assert l2_relative(reference["grads"][1], result["grads"][1]) < TOLERANCE, name
-        assert l2_relative(reference["updates"], result["updates"]) < TOLERANCE, name
+        assert max_relative(reference["grads"][1], result["grads"][1]) < TOLERANCE, name
+        assert update_relative(reference["updates"], result["updates"]) < TOLERANCE, name
 
 
 @pytest.mark.slow
@@ -85,8 +83,9 @@ def test_stage2_adapter_gradients_are_reduced_across_ranks(tiny_models, tmp_path
     """Stage 2: DeepSpeed wraps only the resampler and the LoRA modules, while the loss runs through the LLM. The
     adapters' gradients must still be reduced over ranks and accumulated over micro batches: 2 ranks x micro 2
     (accumulation 2) must match 1 rank x micro 8, for the resampler and for every adapter."""
-    reference = run_split(tiny_models, tmp_path / "s2_r1_m8.pt", world=1, micro=8, global_size=8, stage=2)
-    split = run_split(tiny_models, tmp_path / "s2_r2_m2.pt", world=2, micro=2, global_size=8, stage=2)
+    # One step: with lr 0.1 a second step's gradients would amplify the first update's 1e-6 rounding differences.
+    reference = run_split(tiny_models, tmp_path / "s2_r1_m8.pt", world=1, micro=8, global_size=8, steps=1, stage=2)
+    split = run_split(tiny_models, tmp_path / "s2_r2_m2.pt", world=2, micro=2, global_size=8, steps=1, stage=2)
     assert (reference["accumulation"], split["accumulation"]) == (1, 2)
     adapters = [name for name in reference["grads"][0] if name.startswith("adapters.")]
     assert len(adapters) == 2 * 7 * 2  # lora_A and lora_B of 7 projections in each of the 2 layers
@@ -94,7 +93,4 @@ def test_stage2_adapter_gradients_are_reduced_across_ranks(tiny_models, tmp_path
     for ref_loss, loss in zip(reference["losses"], split["losses"], strict=True):
         assert abs(loss - ref_loss) / ref_loss < TOLERANCE
     assert max_relative(reference["grads"][0], split["grads"][0]) < TOLERANCE
-    assert l2_relative(reference["grads"][1], split["grads"][1]) < TOLERANCE
-    # After two Adam steps, elements whose two gradients nearly cancel in the first moment turn the gradients'
-    # ~1e-6 fp32 differences into ~5e-5 of their update (measured); the gradients above are the reduction's check.
-    assert l2_relative(reference["updates"], split["updates"]) < 10 * TOLERANCE
+    assert update_relative(reference["updates"], split["updates"]) < TOLERANCE

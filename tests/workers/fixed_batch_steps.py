@@ -87,6 +87,11 @@ def main():
         f"train.micro_batch_size={micro}", f"train.global_batch_size={global_size}", f"train.max_steps={steps}",
         "train.save_every_steps=1000", "train.log_every_steps=1", "optim.warmup_steps=1", "data.shuffle_buffer=0",
         "optim.weight_decay=0.0", "train.eval_every_steps=0",
+        # AdamW divides each element by its own gradient magnitude; with the default eps (1e-8) an element whose
+        # gradient is ~1e-8 turns 1e-7 fp32 noise into a visible change of its update. eps 1e-3 keeps the same code
+        # path well-conditioned. And an update is the difference of fp32 parameters of magnitude ~1, exact only to
+        # ~1e-7: a step of lr 0.1 keeps that rounding below 1e-5 of the update, so updates compare element-wise.
+        "optim.eps=1e-3", "optim.lr=0.1",
     ])
     dist_env = init_distributed("gloo")
     from transformers import AutoTokenizer
