@@ -40,6 +40,14 @@ def download_shards(world_dir: Path, shard_root: Path, split: str, base_url: str
     return out
 
 
+def launch_env() -> dict:
+    """Two CPU ranks, offline, on a free rendezvous port (another job on this machine may hold the default)."""
+    from pipeline.training.distributed import free_port
+
+    return {**os.environ, "NPROC": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "MASTER_PORT": str(free_port())}
+
+
 def cache_features(shard_root: Path, split: str, models: dict) -> Path:
     """The feature-cache job on one split's image shards, with the training config's tower and layer."""
     out = shard_root / "features" / split
@@ -54,7 +62,7 @@ def cache_features(shard_root: Path, split: str, models: dict) -> Path:
 
 def train_stage1(run_dir: Path, models: dict, shard_root: Path, overrides: list[str]) -> None:
     """Stage 1 from cached features: the vision tower is not loaded; sample captions still come from images."""
-    env = {**os.environ, "NPROC": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = launch_env()
     subprocess.run(
         [str(ROOT / "launch/stage1_local.sh"), "configs/toy.yaml", f"run_dir={run_dir}",
          f"model.vision.model={models['clip']}", f"model.llm.model={models['llm']}", "data.input=features",
@@ -77,7 +85,7 @@ def prepare_stage2_data(world_dir: Path, shard_root: Path, out: Path) -> dict:
 
 
 def train_stage2(run_dir: Path, models: dict, shard_root: Path, stage1_dir: Path, overrides: list[str]) -> None:
-    env = {**os.environ, "NPROC": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = launch_env()
     subprocess.run(
         [str(ROOT / "launch/stage2_local.sh"), "configs/toy_stage2.yaml", f"run_dir={run_dir}",
          f"model.vision.model={models['clip']}", f"model.llm.model={models['llm']}",

@@ -32,7 +32,7 @@ def read_dist_env() -> DistEnv:
     return DistEnv(0, 1, 0)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -49,7 +49,7 @@ def init_distributed(backend: str, timeout_s: int = 600) -> DistEnv:
     os.environ.setdefault("LOCAL_RANK", str(dist_env.local_rank))
     if dist_env.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError(
             "train.distributed_backend=nccl needs GPUs; on a CPU machine use train.distributed_backend=gloo"
