@@ -48,7 +48,7 @@ class CaptionStage:
 
     def __init__(self, model: AnyMAL, config: RunConfig):
         self.model, self.config = model, config
-        self.trainable_parameters = model.freeze_for_stage1()
+        model.freeze_for_stage1()
 
     def trainable_module(self) -> nn.Module:
         return self.model.resampler
@@ -107,7 +107,7 @@ class InstructStage(CaptionStage):
         from pipeline.model.lora import adapter_modules
 
         self.model, self.config = model, config
-        self.trainable_parameters = model.freeze_for_stage2()
+        model.freeze_for_stage2()
         self.parts = TrainableParts(model, adapter_modules(model.llm))
 
     def trainable_module(self) -> nn.Module:
