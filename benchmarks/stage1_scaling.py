@@ -4,11 +4,12 @@ It writes, under --work (local disk):
   llm/     LLaMA-3-8B (released config values) with random weights, bf16, plus the toy tokenizer (ids < 128256)
   clip/    CLIP ViT-L/14 with random weights and its 224 px image processor
   shards/  synthetic img2dataset-layout shards: 224 px JPEGs with LAION-like caption lengths
-then runs `launch/stage1_local.sh configs/stage1_8b.yaml` with NPROC = 1, 2, 4 at a fixed micro batch (accumulation
-1, so the global batch grows with the GPU count) and reads samples/s per GPU from each run's metrics.jsonl, skipping
-the first steps (start-up, compilation). Efficiency = per-GPU rate at N GPUs / per-GPU rate at 1 GPU.
+then runs `launch/stage1_local.sh configs/stage1_8b.yaml` with NPROC = 1, 2, 4 at a fixed micro batch and
+accumulation (the recipe's 8 by default, as on one 8-GPU node; the global batch grows with the GPU count) and reads
+samples/s per GPU from each run's metrics.jsonl, averaging the second half of the steps (after start-up and
+compilation). Efficiency = per-GPU rate at N GPUs / per-GPU rate at 1 GPU.
 
-    python benchmarks/stage1_scaling.py --work /tmp/scaling --gpus 1 2 4 --micro-batch 32 --steps 14
+    python benchmarks/stage1_scaling.py --work /tmp/scaling --gpus 1 2 4 --micro-batch 32 --accumulation 8 --steps 10
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def write_shards(work: Path, shards: int, per_shard: int) -> None:
                     tar.addfile(info, io.BytesIO(payload))
 
 
-def run(work: Path, gpus: int, micro: int, steps: int, attn: str, compile_layers: bool) -> dict:
+def run(work: Path, gpus: int, micro: int, accumulation: int, steps: int, attn: str, compile_layers: bool) -> dict:
     run_dir = work / f"run_{gpus}gpu"
     env = {**os.environ, "NPROC": str(gpus), "MASTER_PORT": str(29600 + gpus)}
     subprocess.run(
@@ -82,7 +83,8 @@ def run(work: Path, gpus: int, micro: int, steps: int, attn: str, compile_layers
          f"model.vision.model={work / 'clip'}", f"model.llm.model={work / 'llm'}",
          f"model.llm.attn_implementation={attn}", f"model.llm.compile_layers={str(compile_layers).lower()}",
          f"data.sources=[{{shards: '{work}/shards/*.tar'}}]", "data.val_shards=", "data.num_workers=6",
-         f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * gpus}", f"train.max_steps={steps}",
+         f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * gpus * accumulation}",
+         f"train.max_steps={steps}",
          "train.log_every_steps=1", "train.save_every_steps=100000", "train.eval_every_steps=0",
          "logging.wandb_mode=disabled", "logging.sample_every_steps=0", "optim.warmup_steps=1"],
         check=True, cwd=ROOT, env=env,
@@ -103,8 +105,9 @@ def main():
     parser.add_argument("--work", default="/tmp/anymal_scaling")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--micro-batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=14)
-    parser.add_argument("--attn", default="flex_attention")
+    parser.add_argument("--accumulation", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--attn", default="varlen")
     parser.add_argument("--compile-layers", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
@@ -113,11 +116,13 @@ def main():
     write_shards(work, shards=32, per_shard=400)
     import torch
 
-    rows = [run(work, g, args.micro_batch, args.steps, args.attn, args.compile_layers) for g in args.gpus]
+    rows = [run(work, g, args.micro_batch, args.accumulation, args.steps, args.attn, args.compile_layers)
+            for g in args.gpus]
     base = rows[0]["samples_per_s_per_gpu"]
     for row in rows:
         row["efficiency"] = row["samples_per_s_per_gpu"] / base
-    result = {"device": torch.cuda.get_device_name(), "micro_batch": args.micro_batch, "attn": args.attn,
+    result = {"device": torch.cuda.get_device_name(), "micro_batch": args.micro_batch,
+              "accumulation": args.accumulation, "attn": args.attn,
               "compile_layers": args.compile_layers, "rows": rows}
     print(json.dumps(result, indent=2))
     if args.out:

@@ -4,48 +4,68 @@ Both use the real architectures with random weights built from config (no downlo
 values) frozen in bf16, and the default Perceiver Resampler (width 1024, 64 latents) on cached CLIP ViT-L/14
 features [B, 257, 1024], i.e. the vision tower is not run (the cached-feature setting).
 
-    python benchmarks/stage1_throughput.py --micro-batch 32 --steps 10 [--variants ...] [--out result.json]
+    python benchmarks/stage1_throughput.py --runs baseline@64 pipeline+varlen+compile@128 [--profile] [--out r.json]
 
-Caption lengths come from a fixed LAION-like distribution: log-normal with mean ~18 tokens, clipped to [4, 64]
-(EOS included), seeded, so every variant sees the same captions.
+Each run is VARIANT@MICRO_BATCH. Caption lengths come from a fixed LAION-like distribution: log-normal with mean ~18
+tokens, clipped to [4, 64] (EOS included), seeded, so every run sees the same captions. Batches sit in page-locked
+memory, as the training loader delivers them on a GPU.
 
 Variants:
   baseline      captions padded to 64 tokens, full logits, HF `LlamaForCausalLM(labels=...)` loss, SDPA,
                 plain torch AdamW on the resampler. This is the "plain HF step".
   pipeline      the trainer's own step (`Trainer.train_step`) through DeepSpeed ZeRO-2: packed rows, loss at
-                supervised positions only, global token-mean normalisation.
-  pipeline+flex      the same with flex attention (block-sparse over the packed row) instead of SDPA.
-  pipeline+compile   the same as pipeline, with each LLM decoder layer compiled (torch.compile, dynamic shapes);
-                     compiled layers stay compiled for the variants that follow in the same run.
-  pipeline+flex+compile   both.
+                supervised positions only, global token-mean normalisation; SDPA over the packed row's mask.
+  +flex         flex attention (block-sparse over the packed row) instead of SDPA.
+  +varlen       PyTorch's variable-length flash attention over the samples' boundaries (pipeline/model/attention.py).
+  +compile      each LLM decoder layer compiled (torch.compile, dynamic shapes), as model.llm.compile_layers does;
+                compiled layers stay compiled for the runs that follow, so list compiled runs last.
+Every run reports its first step's loss: all runs start from the same resampler on the same batch, so the losses
+must agree (bf16) whatever the attention kernel.
 
-MFU counts useful FLOPs only (no padding, no recompute, attention's quadratic term left out):
-  4 * N_llm * (1 + 64 + caption tokens) per sample  (frozen LLM: forward 2N, backward to activations 2N)
-  + 6 * N_resampler * 64 per sample, against 989 TFLOP/s dense bf16 per H100/H200.
+MFU counts useful FLOPs only (pipeline/training/metrics.py; no padding, no recompute, attention's quadratic term
+left out), against 989 TFLOP/s dense bf16 per H100/H200:
+  4 * N_body * (1 + 64 + caption tokens) per sample   N_body = LLM parameters less the embedding and the LM head
+  + 4 * N_head * caption tokens                        the LM head, at supervised positions only
+  + 6 * N_resampler * 64 per sample.
+`--profile` adds GPU kernel time per step by category (GEMM, attention, other) and the top kernels of each run.
+`--smoke` runs everything on the CPU with a 2-layer LLaMA of width 256 (no compile), to check the script before
+spending GPU time; its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import (  # noqa: E402
+    attention_of,
+    compile_decoder_layers,
+    error_row,
+    parse_runs,
+    pinned,
+    profile_steps,
+    time_steps,
+)
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.model.anymal import AnyMAL, build_resampler, caption_sequence  # noqa: E402
+from pipeline.model.attention import register_varlen  # noqa: E402
 from pipeline.model.reference import CLIP_VIT_L14, llama3_8b_config  # noqa: E402
-from pipeline.training.metrics import peak_tflops, step_flops  # noqa: E402
+from pipeline.training.metrics import llm_flop_parameters, peak_tflops, step_flops  # noqa: E402
+from pipeline.training.stages import parameter_count  # noqa: E402
 
 MEAN_CAPTION_TOKENS = 18.0
 CAPTION_SIGMA = 0.5
 PATCH_TOKENS = 257
+DEVICE = torch.device("cuda")
 
 
 def caption_lengths(count: int, seed: int) -> torch.Tensor:
@@ -74,54 +94,46 @@ def make_batches(steps: int, micro: int, vocab: int, eos: int, seed: int = 0) ->
     return batches
 
 
-def build_llm(attn: str):
+def build_llm(attn: str, smoke: bool):
     from transformers import LlamaForCausalLM
 
-    config = llama3_8b_config()
+    shrink = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2) if smoke else {}
+    config = llama3_8b_config(**shrink)
     config._attn_implementation = attn
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with DEVICE:
         llm = LlamaForCausalLM(config).to(torch.bfloat16)
     llm.requires_grad_(False)
     llm.eval()
     return llm
 
 
-def useful_flops(n_llm: int, n_res: int, batches: list[dict], latents: int) -> float:
+def useful_flops(n_body: int, n_head: int, n_res: int, batches: list[dict], latents: int) -> float:
     total = 0.0
     for batch in batches:
         samples = batch["caption_lengths"].numel()
-        tokens = int(batch["caption_lengths"].sum()) + samples * (1 + latents)
-        total += step_flops(n_llm, n_res, 0, tokens, samples, latents, 0)
+        supervised = int(batch["caption_lengths"].sum())
+        total += step_flops(n_body, n_head, n_res, 0, supervised + samples * (1 + latents), supervised, samples,
+                            latents, 0)
     return total
 
 
-def time_steps(step_fn, batches: list[dict], warmup: int) -> float:
-    for batch in batches[:warmup]:
-        step_fn(batch)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for batch in batches[warmup:]:
-        step_fn(batch)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def run_baseline(llm, resampler, batches, warmup, bos, pad):
+def baseline_step(llm, resampler, bos, pad):
     optimizer = torch.optim.AdamW(resampler.parameters(), lr=2e-4)
     embed = llm.get_input_embeddings()
 
     def step(batch):
-        batch = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = {k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         prefix = resampler(batch["image_features"])
         # Pad every caption to 64 tokens, as a plain HF collator with max_length padding does.
         lengths = batch["caption_lengths"]
-        padded_ids = torch.full((lengths.numel(), 64), pad, dtype=torch.long, device="cuda")
-        present = torch.arange(64, device="cuda")[None] < lengths[:, None]
+        padded_ids = torch.full((lengths.numel(), 64), pad, dtype=torch.long, device=DEVICE)
+        present = torch.arange(64, device=DEVICE)[None] < lengths[:, None]
         padded_ids[present] = batch["caption_ids"]
         seq = caption_sequence(padded_ids[present], lengths, prefix.shape[1], bos, pad)
         width = 1 + prefix.shape[1] + 64
-        input_ids = torch.full((lengths.numel(), width), pad, dtype=torch.long, device="cuda")
+        input_ids = torch.full((lengths.numel(), width), pad, dtype=torch.long, device=DEVICE)
         input_ids[:, : seq.input_ids.shape[1]] = seq.input_ids
         labels = torch.full_like(input_ids, -100)
         labels[:, : seq.labels.shape[1]] = seq.labels
@@ -133,98 +145,107 @@ def run_baseline(llm, resampler, batches, warmup, bos, pad):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
-    return time_steps(step, batches, warmup)
+    return step
 
 
-def run_pipeline(llm, resampler, batches, warmup, bos, eos, pad, micro, compile_layers: bool, attn: str):
+def pipeline_step(llm, resampler, bos, eos, pad, micro):
     import torch.distributed as dist
 
     from pipeline.training.distributed import DistEnv, init_distributed
     from pipeline.training.stages import CaptionStage
     from pipeline.training.trainer import Trainer
 
-    llm.config._attn_implementation = attn
-    if compile_layers and not getattr(llm, "_layers_compiled", False):
-        # In place and once: later variants in the same run keep the compiled layers.
-        for layer in llm.model.layers:
-            layer.compile(dynamic=True)
-        llm._layers_compiled = True
     config = RunConfig()
     config.train.global_batch_size = micro
     config.train.micro_batch_size = micro
     config.train.precision = "bfloat16"
     config.data.sources = []
     if not dist.is_initialized():
-        init_distributed("nccl")
-    model = AnyMAL(None, resampler, llm, bos, eos, pad, packing=True)
-    trainer = Trainer(config, CaptionStage(model, config), lambda state: None, DistEnv(0, 1, 0), torch.device("cuda"))
+        init_distributed("nccl" if DEVICE.type == "cuda" else "gloo")
+    model = AnyMAL(None, resampler, llm, bos, eos, pad, packing=True, max_caption_tokens=64)
+    trainer = Trainer(config, CaptionStage(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
 
     def step(batch):
-        trainer.train_step([batch])
+        return trainer.train_step([batch])["loss"]
 
-    return time_steps(step, batches, warmup)
+    return step
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--micro-batch", type=int, nargs="+", default=[32])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--runs", nargs="+", default=["baseline@64", "pipeline+varlen+compile@128"],
+                        help="VARIANT@MICRO_BATCH, e.g. baseline@64 pipeline+flex+compile@128")
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["baseline", "pipeline"])
-    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--attn", default="sdpa", help="attention of the baseline and of plain `pipeline`")
+    parser.add_argument("--profile", action="store_true", help="kernel time by category, 2 extra steps per run")
     parser.add_argument("--out", default="")
+    parser.add_argument("--smoke", action="store_true", help="a tiny LLaMA on the CPU: checks the script, no numbers")
     args = parser.parse_args()
+    runs = parse_runs(args.runs)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     torch.backends.cuda.matmul.allow_tf32 = True
+    register_varlen()
+    global DEVICE
+    if args.smoke:
+        DEVICE, args.steps, args.warmup = torch.device("cpu"), 2, 1
+        runs = [(variant.replace("+compile", ""), 4) for variant, _ in runs]
 
-    llm = build_llm(args.attn)
+    llm = build_llm(args.attn, args.smoke)
     bos, eos, pad = 128000, 128009, 128004
-    latents = 64
-    cfg = RunConfig()
-    n_llm = sum(p.numel() for p in llm.parameters())
+    latents = RunConfig().model.resampler.num_latents
+    n_body, n_head = llm_flop_parameters(llm, parameter_count)
     peak = peak_tflops() or 989.0
-    results = {"device": torch.cuda.get_device_name(), "timed_steps": args.steps, "variants": {}}
-    # Variant-major: layers compiled by a "compile" variant stay compiled, so those variants come last.
-    for variant, micro in [(v, m) for v in args.variants for m in args.micro_batch]:
-        batches = make_batches(args.steps + args.warmup, micro, llm.config.vocab_size, eos)
-        timed = batches[args.warmup:]
-        flops = useful_flops(n_llm, 0, timed, latents)
+    device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (smoke test)"
+    results = {"device": device_name, "timed_steps": args.steps, "torch": torch.__version__, "variants": {}}
+    for variant, micro in runs:
+        name = f"{variant}@{micro}"
+        extra = 2 if args.profile else 0
+        batches = make_batches(args.steps + args.warmup + extra, micro, llm.config.vocab_size, eos)
+        if DEVICE.type == "cuda":
+            batches = [pinned(batch) for batch in batches]
+        timed = batches[args.warmup: args.warmup + args.steps]
         results["mean_caption_tokens"] = float(torch.cat([b["caption_lengths"] for b in timed]).float().mean())
         torch.manual_seed(0)
-        resampler = build_resampler(cfg.model, CLIP_VIT_L14["hidden_size"], llm.config.hidden_size).cuda()
-        n_res = sum(p.numel() for p in resampler.parameters())
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        resampler = build_resampler(RunConfig().model, CLIP_VIT_L14["hidden_size"], llm.config.hidden_size).to(DEVICE)
+        n_res = parameter_count(resampler)
+        free_memory()
+        llm.config._attn_implementation = attention_of(variant, args.attn)
         try:
+            if "compile" in variant:
+                compile_decoder_layers(llm)
             if variant == "baseline":
-                llm.config._attn_implementation = args.attn
-                seconds = run_baseline(llm, resampler.to(torch.bfloat16), batches, args.warmup, bos, pad)
+                step = baseline_step(llm, resampler.to(torch.bfloat16), bos, pad)
             else:
-                seconds = run_pipeline(llm, resampler, batches, args.warmup, bos, eos, pad, micro,
-                                       compile_layers="compile" in variant,
-                                       attn="flex_attention" if "flex" in variant else args.attn)
-        except torch.OutOfMemoryError:
-            results["variants"][f"{variant}@{micro}"] = {"error": "out of memory"}
-            print(variant, micro, "out of memory", flush=True)
+                step = pipeline_step(llm, resampler, bos, eos, pad, micro)
+            seconds, losses = time_steps(step, batches[: args.warmup + args.steps], args.warmup, DEVICE)
+            profile = profile_steps(step, batches[args.warmup + args.steps:], DEVICE) if extra else None
+        except Exception as exc:  # noqa: BLE001 - record the failure and go on to the next run
+            results["variants"][name] = error_row(exc)
+            print(name, results["variants"][name]["error"], flush=True)
             continue
         samples = args.steps * micro
         tokens = sum(int(b["caption_lengths"].sum()) + b["caption_lengths"].numel() * (1 + latents) for b in timed)
-        variant_flops = flops + useful_flops(0, n_res, timed, latents)
-        results["variants"][f"{variant}@{micro}"] = {
+        row = {
             "samples_per_s": samples / seconds,
             "tokens_per_s": tokens / seconds,
             "step_s": seconds / args.steps,
-            "mfu": variant_flops / seconds / (peak * 1e12),
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "mfu": useful_flops(n_body, n_head, n_res, timed, latents) / seconds / (peak * 1e12),
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None,
+            "first_step_loss": losses[0],
+            "attention": llm.config._attn_implementation,
         }
-        print(variant, micro, json.dumps(results["variants"][f"{variant}@{micro}"]), flush=True)
-    baselines = [
-        row["samples_per_s"]
-        for key, row in results["variants"].items()
-        if key.startswith("baseline@") and "error" not in row
-    ]
+        if profile:
+            row["profile"] = profile
+        results["variants"][name] = row
+        print(name, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        if profile:
+            print(name, "profile", json.dumps(profile), flush=True)
+    baselines = [row["samples_per_s"] for key, row in results["variants"].items()
+                 if key.startswith("baseline@") and "error" not in row]
     if baselines:
         for row in results["variants"].values():
             if "error" not in row:
@@ -232,6 +253,13 @@ def main():
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def free_memory() -> None:
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 if __name__ == "__main__":

@@ -6,23 +6,28 @@ Perceiver Resampler (width 1024, 64 latents) on cached CLIP ViT-L/14 features [B
 not run). LoRA keeps the frozen base weights in bf16; QLoRA quantizes them to NF4 with double quantization and bf16
 compute (bitsandbytes `Linear4bit`, as `BitsAndBytesConfig` loads them).
 
-    python benchmarks/stage2_throughput.py --micro-batch 16 --steps 8 [--variants ...] [--out result.json]
+    python benchmarks/stage2_throughput.py --runs baseline@4 pipeline+varlen@16 qlora-pipeline+varlen@16 \
+        [--profile] [--out result.json]
 
 Conversation lengths come from a LLaVA-Instruct-150K-like distribution (LLaMA-3 tokens, chat template included):
 log-normal text lengths with mean ~300, clipped to [48, 2048 - 64]; 1 to 4 user/assistant turn pairs, the user turns
 taking ~30% of the text and the assistant turns (supervised) the rest; the image goes after the first user header.
 Seeded, so every variant sees the same conversations.
 
-Variants:
+Each run is VARIANT@MICRO_BATCH. Variants:
   baseline          every sample of the micro batch padded to the longest, full [B, T, 128K] logits and the loss of
                     HF `LlamaForCausalLM(labels=...)` through the peft model, SDPA, bf16 autocast, torch AdamW on the
                     adapters and the resampler. This is the "plain HF step".
   pipeline          the trainer's own step (`Trainer.train_step` with `InstructStage`) through DeepSpeed ZeRO-2 bf16:
                     the micro batch packed into one row (positions restart per sample), logits at supervised
-                    positions only, global token-mean normalisation.
-  qlora-baseline, qlora-pipeline: the same two over NF4 base weights.
-Reported per variant: tokens/s per GPU (text tokens + 64 image tokens per sample, no padding counted), samples/s,
-step time and peak GPU memory.
+                    positions only, global token-mean normalisation; SDPA unless:
+  +flex / +varlen   flex attention / PyTorch's variable-length flash attention over the packed row;
+  +compile          each decoder layer compiled (dynamic shapes); it stays compiled for later runs of that model.
+  qlora-...         the same over NF4 base weights (one model per kind: LoRA runs first, then QLoRA runs).
+Reported per run: tokens/s per GPU (text tokens + 64 image tokens per sample, no padding counted), samples/s, step
+time, MFU (useful FLOPs as pipeline/training/metrics.py counts them: 4 N_body per token, 4 N_head per supervised
+token, 2 N_adapters per token for the adapters' weight gradients, 6 N_resampler per latent), peak GPU memory and
+the first step's loss (the same batch and initial weights in every run, so it must agree across runs).
 
 `--smoke` runs every variant on the CPU with a 2-layer LLaMA of width 256 and 4 steps, to check the script before
 spending GPU time; its numbers mean nothing.
@@ -36,17 +41,28 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import (  # noqa: E402
+    attention_of,
+    compile_decoder_layers,
+    error_row,
+    parse_runs,
+    pinned,
+    profile_steps,
+    time_steps,
+)
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.model.anymal import IGNORE_INDEX, AnyMAL, build_resampler, pad_samples  # noqa: E402
+from pipeline.model.attention import register_varlen  # noqa: E402
 from pipeline.model.lora import add_lora  # noqa: E402
 from pipeline.model.reference import CLIP_VIT_L14, llama3_8b_config  # noqa: E402
+from pipeline.training.metrics import llm_flop_parameters, peak_tflops, step_flops  # noqa: E402
+from pipeline.training.stages import parameter_count  # noqa: E402
 
 MEAN_TEXT_TOKENS = 300.0
 TEXT_SIGMA = 0.6
@@ -132,32 +148,16 @@ def build_model(quantized: bool, attn: str, smoke: bool) -> AnyMAL:
         quantize_nf4(llm)
     llm = add_lora(llm, LoRAConfig())
     resampler = build_resampler(RunConfig().model, CLIP_VIT_L14["hidden_size"], config.hidden_size).to(DEVICE)
-    model = AnyMAL(None, resampler, llm, BOS, EOT, PAD, packing=True)
+    model = AnyMAL(None, resampler, llm, BOS, EOT, PAD, packing=True, max_sequence_tokens=MAX_SEQUENCE_TOKENS)
     model.freeze_for_stage2()
     return model
-
-
-def synchronize() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_steps(step_fn, batches: list[dict], warmup: int) -> float:
-    for batch in batches[:warmup]:
-        step_fn(batch)
-    synchronize()
-    start = time.perf_counter()
-    for batch in batches[warmup:]:
-        step_fn(batch)
-    synchronize()
-    return time.perf_counter() - start
 
 
 def to_device(batch: dict) -> dict:
     return {k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def run_baseline(model: AnyMAL, batches: list[dict], warmup: int) -> float:
+def baseline_step(model: AnyMAL):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
 
@@ -172,11 +172,13 @@ def run_baseline(model: AnyMAL, batches: list[dict], warmup: int) -> float:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
-    return time_steps(step, batches, warmup)
+    return step
 
 
-def run_pipeline(model: AnyMAL, batches: list[dict], warmup: int, micro: int) -> float:
+def pipeline_step(model: AnyMAL, micro: int):
+    """The trainer's step; the engine does not depend on the micro batch, so later runs of other sizes reuse it."""
     import torch.distributed as dist
 
     from pipeline.training.distributed import DistEnv, init_distributed
@@ -195,9 +197,9 @@ def run_pipeline(model: AnyMAL, batches: list[dict], warmup: int, micro: int) ->
     trainer = Trainer(config, InstructStage(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
 
     def step(batch):
-        trainer.train_step([batch])
+        return trainer.train_step([batch])["loss"]
 
-    return time_steps(step, batches, warmup)
+    return step
 
 
 def free_memory() -> None:
@@ -207,59 +209,110 @@ def free_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def useful_flops(model: AnyMAL, batches: list[dict]) -> float:
+    n_body, n_head = llm_flop_parameters(model.llm, parameter_count)
+    n_adapters = sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" in n)
+    n_res = parameter_count(model.resampler)
+    total = 0.0
+    for batch in batches:
+        samples = batch["text_lengths"].numel()
+        tokens = int(batch["text_lengths"].sum()) + samples * IMAGE_TOKENS
+        supervised = int((batch["text_labels"] != IGNORE_INDEX).sum())
+        total += step_flops(n_body, n_head, n_res, 0, tokens, supervised, samples, IMAGE_TOKENS, 0)
+        total += 2.0 * n_adapters * tokens
+    return total
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--micro-batch", type=int, nargs="+", default=[16])
+    parser.add_argument("--runs", nargs="+",
+                        default=["baseline@4", "pipeline+varlen@16", "qlora-baseline@4", "qlora-pipeline+varlen@16"],
+                        help="VARIANT@MICRO_BATCH")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", default=["baseline", "pipeline", "qlora-baseline", "qlora-pipeline"])
-    parser.add_argument("--attn", default="sdpa", help="the baseline's attention; the pipeline uses it too")
+    parser.add_argument("--attn", default="sdpa", help="attention of the baseline and of plain `pipeline`")
+    parser.add_argument("--profile", action="store_true", help="kernel time by category, 2 extra steps per run")
     parser.add_argument("--out", default="")
     parser.add_argument("--smoke", action="store_true", help="a tiny LLaMA on the CPU: checks the script, no numbers")
     args = parser.parse_args()
+    runs = parse_runs(args.runs)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     torch.backends.cuda.matmul.allow_tf32 = True
+    register_varlen()
     global DEVICE
     if args.smoke:
-        DEVICE, args.steps, args.warmup, args.micro_batch = torch.device("cpu"), 2, 1, [2]
+        DEVICE, args.steps, args.warmup = torch.device("cpu"), 2, 1
+        runs = [(variant.replace("+compile", ""), 2) for variant, _ in runs]
 
     device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (smoke test)"
-    results = {"device": device_name, "timed_steps": args.steps, "lora": "r64 alpha16 dropout0.05", "variants": {}}
+    peak = peak_tflops() or 989.0
+    results = {"device": device_name, "timed_steps": args.steps, "torch": torch.__version__,
+               "lora": "r64 alpha16 dropout0.05", "variants": {}}
     for quantized in (False, True):
-        variants = [v for v in args.variants if v.startswith("qlora-") == quantized]
-        if not variants:
+        # Baselines first: once a DeepSpeed engine has hooked the adapters, a plain backward would trigger its
+        # gradient reductions. The pipeline runs of a model share one trainer, as they share its parameters.
+        kind_runs = sorted([(v, m) for v, m in runs if v.startswith("qlora-") == quantized],
+                           key=lambda run: not run[0].endswith("baseline"))
+        if not kind_runs:
             continue
         model = build_model(quantized, args.attn, args.smoke)
-        for micro, variant in [(m, v) for m in args.micro_batch for v in variants]:
-            batches = make_batches(args.steps + args.warmup, micro, model.llm.config.vocab_size)
-            timed = batches[args.warmup:]
+        trainer_step = None
+        initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        for variant, micro in kind_runs:
+            name = f"{variant}@{micro}"
+            extra = 2 if args.profile else 0
+            batches = make_batches(args.steps + args.warmup + extra, micro, model.llm.config.vocab_size)
+            if DEVICE.type == "cuda":
+                batches = [pinned(batch) for batch in batches]
+            timed = batches[args.warmup: args.warmup + args.steps]
             lengths = torch.cat([b["text_lengths"] for b in timed])
             results["mean_text_tokens"] = float(lengths.float().mean())
+            with torch.no_grad():  # every run starts from the same adapters and resampler
+                for n, p in model.named_parameters():
+                    if n in initial:
+                        p.copy_(initial[n])
             free_memory()
+            model.llm.config._attn_implementation = attention_of(variant, args.attn)
             try:
+                if "compile" in variant:
+                    compile_decoder_layers(model.llm)
                 if variant.endswith("baseline"):
-                    seconds = run_baseline(model, batches, args.warmup)
+                    step = baseline_step(model)
                 else:
-                    seconds = run_pipeline(model, batches, args.warmup, micro)
-            except torch.OutOfMemoryError:
-                results["variants"][f"{variant}@{micro}"] = {"error": "out of memory"}
-                print(variant, micro, "out of memory", flush=True)
+                    trainer_step = trainer_step or pipeline_step(model, micro)
+                    step = trainer_step
+                seconds, losses = time_steps(step, batches[: args.warmup + args.steps], args.warmup, DEVICE)
+                profile = profile_steps(step, batches[args.warmup + args.steps:], DEVICE) if extra else None
+            except Exception as exc:  # noqa: BLE001 - record the failure and go on to the next run
+                results["variants"][name] = error_row(exc)
+                print(name, results["variants"][name]["error"], flush=True)
+                free_memory()
                 continue
             tokens = int(lengths.sum()) + lengths.numel() * IMAGE_TOKENS
-            results["variants"][f"{variant}@{micro}"] = {
+            row = {
                 "tokens_per_s_per_gpu": tokens / seconds,
                 "samples_per_s": args.steps * micro / seconds,
                 "step_s": seconds / args.steps,
+                "mfu": useful_flops(model, timed) / seconds / (peak * 1e12),
                 "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None,
+                "first_step_loss": losses[0],
+                "attention": model.llm.config._attn_implementation,
             }
-            print(variant, micro, json.dumps(results["variants"][f"{variant}@{micro}"]), flush=True)
-        del model
+            if profile:
+                row["profile"] = profile
+            results["variants"][name] = row
+            print(name, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+            if profile:
+                print(name, "profile", json.dumps(profile), flush=True)
+        del model, initial, trainer_step
         free_memory()
-    for key, row in results["variants"].items():
-        baseline = results["variants"].get(key.replace("pipeline", "baseline"), {})
-        if "error" not in row and key != key.replace("pipeline", "baseline") and "error" not in baseline and baseline:
-            row["speedup_vs_baseline"] = row["tokens_per_s_per_gpu"] / baseline["tokens_per_s_per_gpu"]
+    for prefix in ("", "qlora-"):
+        baselines = [row["tokens_per_s_per_gpu"] for key, row in results["variants"].items()
+                     if key.startswith(prefix + "baseline@") and "error" not in row]
+        for key, row in results["variants"].items():
+            if baselines and key.startswith(prefix + "pipeline") and "error" not in row:
+                row["speedup_vs_best_baseline"] = row["tokens_per_s_per_gpu"] / max(baselines)
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

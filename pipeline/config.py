@@ -50,9 +50,10 @@ class ResamplerConfig:
 class LLMConfig:
     model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
     dtype: str = "bfloat16"
-    # "sdpa", "flex_attention", "eager", or "flash_attention_2" (only when flash-attn is installed). With packing
-    # on a GPU, flex_attention (or flash_attention_2) skips the masked blocks of a packed row; SDPA computes the
-    # whole row against a dense mask and is about 2x slower there (benchmarks/stage1_throughput.py).
+    # "sdpa", "flex_attention", "varlen" (PyTorch's variable-length flash kernel, pipeline/model/attention.py),
+    # "eager", or "flash_attention_2" (only when flash-attn is installed). With packing on a GPU, varlen and
+    # flex_attention never compute across samples; SDPA computes the whole row against a dense mask and is about 2x
+    # slower there (benchmarks/stage1_throughput.py).
     attn_implementation: str = "sdpa"
     # torch.compile each decoder layer (dynamic shapes): fuses norms, rotary and activations around the GEMMs.
     compile_layers: bool = False
@@ -299,9 +300,9 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"'{key}' must be one of {', '.join(DTYPES)}, got '{value}'")
     if train.precision not in ("bfloat16", "float32"):
         raise ConfigError(f"'train.precision' must be bfloat16 or float32, got '{train.precision}'")
-    if model.llm.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flex_attention"):
+    if model.llm.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flex_attention", "varlen"):
         raise ConfigError(
-            f"'model.llm.attn_implementation' must be sdpa, eager, flex_attention or flash_attention_2, "
+            f"'model.llm.attn_implementation' must be sdpa, eager, flex_attention, varlen or flash_attention_2, "
             f"got '{model.llm.attn_implementation}'"
         )
     if not config.data.sources:

@@ -1,5 +1,7 @@
-"""Packed and padded layouts give the same loss and resampler gradients (fp32)."""
+"""Packed and padded layouts give the same loss and resampler gradients (fp32), under SDPA's block-diagonal mask
+and under the varlen attention's sample boundaries (on the CPU its SDPA fallback reads the same boundaries)."""
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -16,11 +18,14 @@ def test_packed_layout_restarts_positions_and_labels_only_captions():
     assert seq.labels[0][seq.labels[0] != IGNORE_INDEX].tolist() == [t for c in captions for t in c]
 
 
-def test_packed_equals_padded_loss_and_gradients(tiny_models):
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+def test_packed_equals_padded_loss_and_gradients(tiny_models, attn):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models / "llm")
     config = ModelConfig()
     config.vision.model, config.vision.dtype = str(tiny_models / "clip"), "float32"
     config.llm.model, config.llm.dtype = str(tiny_models / "llm"), "float32"
+    config.llm.attn_implementation = attn
+    config.max_caption_tokens = 12
     config.resampler.num_latents, config.resampler.depth, config.resampler.heads = 4, 2, 4
     config.resampler.head_dim = 16
     torch.manual_seed(0)
@@ -44,3 +49,26 @@ def test_packed_equals_padded_loss_and_gradients(tiny_models):
     assert abs(packed_loss - padded_loss) / padded_loss < 1e-5
     for name, grad in padded_grads.items():
         assert ((packed_grads[name] - grad).abs().max() / grad.abs().max()).item() < 1e-5, name
+
+
+def test_varlen_boundaries_and_bound():
+    from pipeline.model.attention import varlen_kwargs
+
+    kwargs = varlen_kwargs(torch.tensor([4, 9, 2]), max_length=16)
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 4, 13, 15] and kwargs["cu_seq_lens_q"].dtype == torch.int32
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 16
+
+
+def test_varlen_refuses_a_sample_longer_than_the_bound(tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models / "llm")
+    config = ModelConfig()
+    config.vision.model, config.vision.dtype = str(tiny_models / "clip"), "float32"
+    config.llm.model, config.llm.dtype = str(tiny_models / "llm"), "float32"
+    config.llm.attn_implementation = "varlen"
+    config.resampler.num_latents, config.resampler.depth = 4, 1
+    config.max_caption_tokens = 3
+    model = build_anymal(config, tokenizer)
+    batch = {"pixel_values": torch.randn(2, 3, 64, 64), "caption_ids": torch.arange(6), "caption_lengths":
+             torch.tensor([2, 4])}
+    with pytest.raises(RuntimeError, match="longer than the configured maximum"):
+        model.caption_loss(batch)

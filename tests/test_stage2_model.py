@@ -59,8 +59,9 @@ def conversation_batch(tokenizer, config, pixel_values) -> dict:
     return collate_conversations(samples)
 
 
-def test_packed_equals_padded_loss_and_gradients(tiny_models):
-    config = stage2_config(tiny_models)
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+def test_packed_equals_padded_loss_and_gradients(tiny_models, attn):
+    config = stage2_config(tiny_models, f"model.llm.attn_implementation={attn}")
     model, tokenizer = stage2_model(config)
     pixels = CLIPImageProcessor.from_pretrained(tiny_models / "clip")(images=images(3), return_tensors="pt")
     batch = conversation_batch(tokenizer, config, pixels["pixel_values"])
@@ -120,6 +121,19 @@ def exported(tiny_models, tmp_path_factory):
     for index, picture in enumerate(pictures):
         picture.save(out / f"{index}.png")
     return {"model": model, "tokenizer": tokenizer, "answerer": answerer, "answers": answers, "dir": out}
+
+
+def test_generation_under_varlen_equals_sdpa(tiny_models):
+    """The varlen implementation hands padded rows and the KV cache to SDPA: the same greedy answers, batched."""
+    answers = {}
+    for attn in ("sdpa", "varlen"):
+        config = stage2_config(tiny_models, f"model.llm.attn_implementation={attn}")
+        model, tokenizer = stage2_model(config)
+        answerer = InstructAnswerer(model, tokenizer, CLIPImageProcessor.from_pretrained(tiny_models / "clip"),
+                                    max_new_tokens=6)
+        answers[attn] = answerer(images(3), QUESTIONS)
+    assert answers["varlen"] == answers["sdpa"]
+    assert any(answers["sdpa"])
 
 
 def test_batched_generation_equals_one_by_one(exported):

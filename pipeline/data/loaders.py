@@ -43,6 +43,8 @@ def build_train_loader(config: RunConfig, dist_env, state: dict | None) -> Shard
         rank=dist_env.rank,
         world_size=dist_env.world_size,
         state=state,
+        # Page-locked batches copy to the GPU asynchronously (the trainer's non_blocking copies).
+        pin_memory=config.train.distributed_backend == "nccl",
     )
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.model.attention import VARLEN, varlen_kwargs
 from pipeline.model.llm import load_llm
 from pipeline.model.resampler import PerceiverResampler
 from pipeline.model.vision import VisionTower, load_vision_tower
@@ -123,13 +124,15 @@ class AnyMAL(nn.Module):
     """The composed model. `vision` is None when training reads cached features instead of images."""
 
     def __init__(self, vision: VisionTower | None, resampler: PerceiverResampler, llm, bos_id: int, eos_id: int,
-                 pad_id: int, packing: bool = True):
+                 pad_id: int, packing: bool = True, max_caption_tokens: int = 64, max_sequence_tokens: int = 2048):
         super().__init__()
         self.vision = vision
         self.resampler = resampler
         self.llm = llm
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.packing = packing
+        # Bounds on a sample's length (the data pipeline truncates to them); varlen attention is sized by them.
+        self.max_caption_tokens, self.max_sequence_tokens = max_caption_tokens, max_sequence_tokens
 
     def freeze_for_stage1(self) -> int:
         """Only the resampler trains; returns its trainable parameter count after checking nothing else does."""
@@ -200,24 +203,35 @@ class AnyMAL(nn.Module):
         whole global batch: every token then weighs the same whatever the micro-batch split or world size.
         """
         prefix = self.image_prefix(batch, resampler)
-        return self.text_image_loss(prefix, *caption_text(batch["caption_ids"], batch["caption_lengths"], self.bos_id))
+        return self.text_image_loss(prefix, *caption_text(batch["caption_ids"], batch["caption_lengths"], self.bos_id),
+                                    max_length=1 + prefix.shape[1] + self.max_caption_tokens)
 
     def conversation_loss(self, batch: dict, resampler=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2: summed cross-entropy over the assistant turns (`text_labels`) and their count."""
         prefix = self.image_prefix(batch, resampler)
         return self.text_image_loss(prefix, batch["text_ids"], batch["text_labels"], batch["text_lengths"],
-                                    batch["image_offsets"])
+                                    batch["image_offsets"], max_length=self.max_sequence_tokens)
 
     def text_image_loss(self, prefix: torch.Tensor, text_ids: torch.Tensor, text_labels: torch.Tensor,
-                        text_lengths: torch.Tensor, image_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed loss and supervised-token count of texts with the image tokens inserted at their offsets."""
+                        text_lengths: torch.Tensor, image_offsets: torch.Tensor, max_length: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss and supervised-token count of texts with the image tokens inserted at their offsets.
+
+        `max_length` bounds a sample's length (image tokens included); varlen attention is sized by it."""
+        boundaries = {}
         if self.packing:
             layout = pack_samples(text_ids, text_labels, text_lengths, image_offsets, prefix.shape[1], self.bos_id)
+            if self.llm.config._attn_implementation == VARLEN:
+                lengths = text_lengths.to(prefix.device) + prefix.shape[1]
+                bound = max_length or int(lengths.max())
+                # Checked on the device, without a sync: a longer sample would be cut short by the kernel.
+                torch._assert_async(lengths.max() <= bound, "a packed sample is longer than the configured maximum")
+                boundaries = varlen_kwargs(lengths, bound)
         else:
             layout = pad_samples(text_ids, text_labels, text_lengths, image_offsets, prefix.shape[1], self.pad_id)
         hidden = self.llm.get_decoder()(
             inputs_embeds=self.embed(layout, prefix), position_ids=layout.position_ids,
-            attention_mask=layout.attention_mask, use_cache=False,
+            attention_mask=layout.attention_mask, use_cache=False, **boundaries,
         ).last_hidden_state
         return self.supervised_loss(hidden, layout.labels)
 
@@ -277,7 +291,8 @@ def build_anymal(config: ModelConfig, tokenizer, *, load_vision: bool = True, ll
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     if bos_id is None or eos_id is None:
         raise ValueError(f"tokenizer of {config.llm.model} lacks a bos or eos token; stage 1 needs both")
-    return AnyMAL(vision, resampler, llm, bos_id, eos_id, pad_id, packing=config.packing)
+    return AnyMAL(vision, resampler, llm, bos_id, eos_id, pad_id, packing=config.packing,
+                  max_caption_tokens=config.max_caption_tokens, max_sequence_tokens=config.max_sequence_tokens)
 
 
 def build_resampler(config: ModelConfig, vision_width: int, llm_width: int) -> PerceiverResampler:

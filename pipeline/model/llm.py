@@ -5,20 +5,30 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from pipeline.config import LLMConfig
+from pipeline.model.attention import VARLEN, register_varlen, varlen_available
 from pipeline.model.vision import torch_dtype
 
 log = logging.getLogger(__name__)
 
 
 def check_attn_implementation(name: str) -> None:
+    """Fail early on an attention implementation this environment lacks; register ours with transformers."""
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise RuntimeError(
             "model.llm.attn_implementation=flash_attention_2 but flash-attn is not installed; "
-            "pip install -r requirements-gpu.txt, or use sdpa"
+            "pip install -r requirements-gpu.txt, or use varlen, flex_attention or sdpa"
         )
+    if name == VARLEN:
+        if not varlen_available():
+            raise RuntimeError(
+                f"model.llm.attn_implementation=varlen needs torch.nn.attention.varlen (PyTorch >= 2.10), "
+                f"this is {torch.__version__}; use flex_attention"
+            )
+        register_varlen()
 
 
 def quantization_config(config: LLMConfig):

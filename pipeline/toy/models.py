@@ -223,7 +223,7 @@ def build_tiny_llama(
     out_dir: str | Path,
     tokenizer: PreTrainedTokenizerFast,
     world_records: list[dict],
-    seconds: float,
+    seconds: float | None,
     seed: int,
     max_steps: int | None = None,
     batch_size: int = 64,
@@ -233,8 +233,9 @@ def build_tiny_llama(
     """Pretrain a tiny `LlamaForCausalLM` on text made from `world_records` and save it with `tokenizer`.
 
     The model has width 128, 3 layers, 4 heads, MLP width 512, untied embeddings and the tokenizer's
-    vocabulary. Training runs on the CPU for `seconds` of wall-clock time (or `max_steps`, whichever comes
-    first; when `max_steps` ends it the run is reproducible given `seed`). `threads` (torch intra-op threads
+    vocabulary. Training runs on the CPU for `max_steps` steps, or `seconds` of wall-clock time, whichever comes
+    first (None: no limit of that kind); when `max_steps` ends it the run is reproducible given `seed`, whatever
+    the machine's load. `threads` (torch intra-op threads
     during training) defaults to half the cores, at most 4. Saves safetensors weights, the
     generation config (stop on <|eot_id|> or <|end_of_text|>) and the tokenizer in `out_dir`, loadable by
     `AutoModelForCausalLM` and `AutoTokenizer`. Returns {"steps", "seconds", "final_loss", "copy_accuracy"},
@@ -243,6 +244,8 @@ def build_tiny_llama(
     """
     if not world_records:
         raise ValueError("build_tiny_llama needs world records to make pretraining text from")
+    if seconds is None and max_steps is None:
+        raise ValueError("build_tiny_llama needs a step or a time limit")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -277,7 +280,7 @@ def build_tiny_llama(
         start = time.perf_counter()
         while True:
             elapsed = time.perf_counter() - start
-            progress = max(elapsed / seconds, step / max_steps if max_steps else 0.0)
+            progress = max(elapsed / seconds if seconds else 0.0, step / max_steps if max_steps else 0.0)
             if progress >= 1.0:
                 break
             if cursor + batch_size > len(order):
@@ -321,15 +324,18 @@ def build_tiny_llama(
     return stats
 
 
-def build_toy_models(out_dir: str | Path, world_dir: str | Path, lm_seconds: float, seed: int) -> dict:
+def build_toy_models(out_dir: str | Path, world_dir: str | Path, seed: int, lm_steps: int | None = None,
+                     lm_seconds: float | None = None) -> dict:
     """Write `out_dir/clip` (vision tower + processor) and `out_dir/llm` (pretrained LM + tokenizer).
 
-    The LM is pretrained on the train split of the world in `world_dir`. Returns {"clip": path, "llm": path,
+    The LM is pretrained on the train split of the world in `world_dir` for `lm_steps` steps or `lm_seconds`,
+    whichever ends first. Returns {"clip": path, "llm": path,
     "lm_stats": the dict from `build_tiny_llama`}.
     """
     out_dir = Path(out_dir)
     clip_dir = build_tiny_clip(out_dir / "clip", seed=seed)
     llm_dir = out_dir / "llm"
     tokenizer = build_tokenizer(llm_dir, toy_vocabulary())
-    lm_stats = build_tiny_llama(llm_dir, tokenizer, world.read_records(world_dir, "train"), lm_seconds, seed)
+    lm_stats = build_tiny_llama(llm_dir, tokenizer, world.read_records(world_dir, "train"), lm_seconds, seed,
+                                max_steps=lm_steps)
     return {"clip": clip_dir, "llm": llm_dir, "lm_stats": lm_stats}

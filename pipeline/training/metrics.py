@@ -1,10 +1,13 @@
 """Training metrics: a rank-0 console line, a JSONL file in the run directory, and wandb.
 
 MFU counts useful FLOPs only (no padding, no recompute), per optimizer step:
-    frozen LLM      4 * N_llm * T     forward (2N) plus the backward to activations only (2N), T = real tokens
-                                       (BOS + image tokens + caption tokens); no weight gradients are computed
+    frozen LLM body 4 * N_body * T     forward (2N) plus the backward to activations only (2N), T = real tokens
+                                       (BOS + image tokens + text); N_body = the LLM's parameters less its input
+                                       embedding (a lookup) and its LM head; no weight gradients are computed
+    LM head         4 * N_head * S     the same, at the S supervised positions only (the only logits computed)
     resampler       6 * N_res * B * L  forward plus the full backward, L latents per sample
     vision tower    2 * N_vis * B * P  forward only, P = patches + CLS; zero when reading cached features
+    (stage 2 adds 2 * N_adapters * T: the adapters' weight gradients; the adapters are part of N_body)
 Attention's quadratic term is left out (small at these lengths). MFU = FLOPs / step time / (GPUs * peak).
 """
 
@@ -34,9 +37,19 @@ def peak_tflops() -> float | None:
     return None
 
 
-def step_flops(n_llm: int, n_resampler: int, n_vision: int, llm_tokens: int, samples: int, latents: int,
-               vision_tokens: int) -> float:
-    return 4.0 * n_llm * llm_tokens + 6.0 * n_resampler * samples * latents + 2.0 * n_vision * samples * vision_tokens
+def step_flops(n_body: int, n_head: int, n_resampler: int, n_vision: int, llm_tokens: float,
+               supervised_tokens: float, samples: float, latents: int, vision_tokens: int) -> float:
+    """Useful FLOPs of a step (see the module docstring)."""
+    return (4.0 * n_body * llm_tokens + 4.0 * n_head * supervised_tokens + 6.0 * n_resampler * samples * latents
+            + 2.0 * n_vision * samples * vision_tokens)
+
+
+def llm_flop_parameters(llm, count) -> tuple[int, int]:
+    """(N_body, N_head) of a causal LM, `count` counting a module's parameters (4-bit weights unpacked)."""
+    embedding, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+    n_embedding, n_head = count(embedding), count(head)
+    tied = head.weight is embedding.weight
+    return count(llm) - n_embedding - (0 if tied else n_head), n_head
 
 
 class MetricsLogger:

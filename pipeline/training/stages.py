@@ -21,7 +21,7 @@ from torch import nn
 from pipeline.config import RunConfig, to_dict
 from pipeline.model.anymal import IGNORE_INDEX, AnyMAL
 from pipeline.training.export import export_resampler, export_stage2
-from pipeline.training.metrics import step_flops
+from pipeline.training.metrics import llm_flop_parameters, step_flops
 
 
 def decay_groups(params, weight_decay: float, **options) -> list[dict]:
@@ -65,17 +65,17 @@ class CaptionStage:
         samples = lengths.numel()
         return int(lengths.sum()), samples, int(lengths.sum()) + samples * (1 + self.model.resampler.num_latents)
 
-    def flops(self, llm_tokens: float, samples: int) -> float:
-        """Useful FLOPs (see `metrics.step_flops`) of this many LLM tokens and samples."""
+    def flops(self, llm_tokens: float, supervised_tokens: float, samples: float) -> float:
+        """Useful FLOPs (see `metrics.step_flops`) of this many LLM tokens, supervised tokens and samples."""
         model = self.model
         n_vision, vision_tokens = 0, 0
         if model.vision is not None:
             clip = model.vision.clip.config
             n_vision = parameter_count(model.vision)
             vision_tokens = (clip.image_size // clip.patch_size) ** 2 + 1
-        n_llm, n_resampler = parameter_count(model.llm), parameter_count(model.resampler)
-        return step_flops(n_llm, n_resampler, n_vision, llm_tokens, samples, model.resampler.num_latents,
-                          vision_tokens)
+        n_body, n_head = llm_flop_parameters(model.llm, parameter_count)
+        return step_flops(n_body, n_head, parameter_count(model.resampler), n_vision, llm_tokens, supervised_tokens,
+                          samples, model.resampler.num_latents, vision_tokens)
 
     def export(self, engine_module: nn.Module, out_dir: Path, step: int) -> Path:
         return export_resampler(engine_module, out_dir, to_dict(self.config.model), step)
@@ -128,10 +128,10 @@ class InstructStage(CaptionStage):
         supervised = int((batch["text_labels"] != IGNORE_INDEX).sum())
         return supervised, samples, int(batch["text_lengths"].sum()) + samples * self.model.resampler.num_latents
 
-    def flops(self, llm_tokens: float, samples: int) -> float:
+    def flops(self, llm_tokens: float, supervised_tokens: float, samples: float) -> float:
         # The adapters also compute weight gradients: 2 more FLOPs per adapter parameter and token.
         n_adapters = sum(p.numel() for p in self.parts.adapters.parameters())
-        return super().flops(llm_tokens, samples) + 2.0 * n_adapters * llm_tokens
+        return super().flops(llm_tokens, supervised_tokens, samples) + 2.0 * n_adapters * llm_tokens
 
     def export(self, engine_module: nn.Module, out_dir: Path, step: int) -> Path:
         return export_stage2(self.model, out_dir, to_dict(self.config), step)

@@ -204,7 +204,8 @@ class Trainer:
         world = self.dist_env.world_size
         peak = peak_tflops()
         data_iter = iter(self.loader)
-        window = {"time": 0.0, "data_wait": 0.0, "samples": 0, "llm_tokens": 0.0, "steps": 0}
+        window = {"time": 0.0, "data_wait": 0.0, "samples": 0, "llm_tokens": 0.0, "supervised_tokens": 0.0,
+                  "steps": 0}
         step_started = time.perf_counter()
         while self.step < cfg.max_steps:
             micro_batches, data_wait = self._next_micro_batches(data_iter)
@@ -217,6 +218,7 @@ class Trainer:
             window["data_wait"] += data_wait
             window["samples"] += stats["samples"]
             window["llm_tokens"] += stats["llm_tokens"]
+            window["supervised_tokens"] += stats["supervised_tokens"]
             window["steps"] += 1
             if self.step % cfg.log_every_steps == 0 or self.step == 1:
                 metrics.log(self.step, self._step_metrics(stats, window, world, peak))
@@ -247,7 +249,7 @@ class Trainer:
 
     def _step_metrics(self, stats: dict, window: dict, world: int, peak: float | None) -> dict:
         seconds = max(window["time"], 1e-9)
-        flops = self.stage.flops(window["llm_tokens"], window["samples"])
+        flops = self.stage.flops(window["llm_tokens"], window["supervised_tokens"], window["samples"])
         out = {
             "loss": stats["loss"],
             "lr": self.scheduler.get_last_lr()[0],
