@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -113,3 +115,9 @@ def error_row(exc: BaseException) -> dict:
     if isinstance(exc, torch.OutOfMemoryError):
         return {"error": "out of memory"}
     return {"error": f"{type(exc).__name__}: {exc}"[:500], "traceback": traceback.format_exc()[-2000:]}
+
+
+def save(results: dict, out: str) -> None:
+    """Write the results so far (after every run, so a run cut short still leaves the finished ones)."""
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2))

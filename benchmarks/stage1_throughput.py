@@ -53,6 +53,7 @@ from benchmarks.common import (  # noqa: E402
     parse_runs,
     pinned,
     profile_steps,
+    save,
     time_steps,
 )
 from pipeline.config import RunConfig  # noqa: E402
@@ -244,6 +245,7 @@ def main():
         print(name, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         if profile:
             print(name, "profile", json.dumps(profile), flush=True)
+        save(results, args.out)
     baselines = [row["samples_per_s"] for key, row in results["variants"].items()
                  if key.startswith("baseline@") and "error" not in row]
     if baselines:
@@ -251,8 +253,7 @@ def main():
             if "error" not in row:
                 row["speedup_vs_best_baseline"] = row["samples_per_s"] / max(baselines)
     print(json.dumps(results, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    save(results, args.out)
 
 
 def free_memory() -> None:

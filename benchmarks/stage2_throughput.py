@@ -54,6 +54,7 @@ from benchmarks.common import (  # noqa: E402
     parse_runs,
     pinned,
     profile_steps,
+    save,
     time_steps,
 )
 from pipeline.config import RunConfig  # noqa: E402
@@ -305,6 +306,7 @@ def main():
             print(name, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
             if profile:
                 print(name, "profile", json.dumps(profile), flush=True)
+            save(results, args.out)
         del model, initial, trainer_step
         free_memory()
     for prefix in ("", "qlora-"):
@@ -314,8 +316,7 @@ def main():
             if baselines and key.startswith(prefix + "pipeline") and "error" not in row:
                 row["speedup_vs_best_baseline"] = row["tokens_per_s_per_gpu"] / max(baselines)
     print(json.dumps(results, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    save(results, args.out)
 
 
 if __name__ == "__main__":
