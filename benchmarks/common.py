@@ -42,9 +42,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step_fn, batches: list[dict], warmup: int, device: torch.device) -> tuple[float, list]:
-    """Seconds for the batches after `warmup`, and every step's return value (e.g. its loss)."""
+def time_steps(step_fn, batches: list[dict], warmup: int, device: torch.device, warm_pass: bool = False
+               ) -> tuple[float, list]:
+    """Seconds for the batches after `warmup`, and every step's return value (e.g. its loss).
+
+    `warm_pass` first runs the timed batches once untimed, so that per-shape first-time costs (cuDNN attention
+    plans, cuBLAS heuristics, compiled-shape guards) of a padded step whose length changes every batch are paid
+    before timing, as they are after the first few thousand steps of a real run."""
     results = [step_fn(batch) for batch in batches[:warmup]]
+    if warm_pass:
+        for batch in batches[warmup:]:
+            step_fn(batch)
     synchronize(device)
     start = time.perf_counter()
     results += [step_fn(batch) for batch in batches[warmup:]]

@@ -233,6 +233,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--attn", default="sdpa", help="attention of the baseline and of plain `pipeline`")
     parser.add_argument("--profile", action="store_true", help="kernel time by category, 2 extra steps per run")
+    parser.add_argument("--warm-pass", action="store_true",
+                        help="run the timed batches once untimed first (steady-state per-shape costs)")
     parser.add_argument("--out", default="")
     parser.add_argument("--smoke", action="store_true", help="a tiny LLaMA on the CPU: checks the script, no numbers")
     args = parser.parse_args()
@@ -249,7 +251,7 @@ def main():
     device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (smoke test)"
     peak = peak_tflops() or 989.0
     results = {"device": device_name, "timed_steps": args.steps, "torch": torch.__version__,
-               "lora": "r64 alpha16 dropout0.05", "variants": {}}
+               "lora": "r64 alpha16 dropout0.05", "warm_pass": args.warm_pass, "variants": {}}
     for quantized in (False, True):
         # Baselines first: once a DeepSpeed engine has hooked the adapters, a plain backward would trigger its
         # gradient reductions. The pipeline runs of a model share one trainer, as they share its parameters.
@@ -283,7 +285,8 @@ def main():
                 else:
                     trainer_step = trainer_step or pipeline_step(model, micro)
                     step = trainer_step
-                seconds, losses = time_steps(step, batches[: args.warmup + args.steps], args.warmup, DEVICE)
+                seconds, losses = time_steps(step, batches[: args.warmup + args.steps], args.warmup, DEVICE,
+                                             warm_pass=args.warm_pass)
                 profile = profile_steps(step, batches[args.warmup + args.steps:], DEVICE) if extra else None
             except Exception as exc:  # noqa: BLE001 - record the failure and go on to the next run
                 results["variants"][name] = error_row(exc)
