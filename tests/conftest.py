@@ -67,6 +67,17 @@ def write_caption_shards(out_dir: Path, n_shards: int, per_shard: int, seed: int
     return paths
 
 
+def three_step_overrides(run_dir: Path, models: Path, shards: Path, *extra: str, global_batch: int = 4) -> list[str]:
+    """Config overrides for a 3-step single-process toy stage-1 run on `shards` (micro batch 4, no eval, no wandb)."""
+    return [
+        f"run_dir={run_dir}", f"model.vision.model={models}/clip", f"model.llm.model={models}/llm",
+        f"data.sources=[{{shards: '{shards}/*.tar'}}]", "data.val_shards=", "data.num_workers=1",
+        "data.shuffle_buffer=10", "train.micro_batch_size=4", f"train.global_batch_size={global_batch}",
+        "train.max_steps=3", "train.log_every_steps=1", "train.save_every_steps=100", "train.eval_every_steps=0",
+        "logging.wandb_mode=disabled", "optim.warmup_steps=1", *extra,
+    ]
+
+
 def add_member(tar, name: str, payload: bytes) -> None:
     import io
     import tarfile

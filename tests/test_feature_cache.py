@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import add_member, write_caption_shards
+from conftest import add_member, three_step_overrides, write_caption_shards
 
 from pipeline.config import load_config
 from pipeline.data.captions import CaptionDecoder, collate_captions, iterate_eval_batches
@@ -306,24 +306,7 @@ def test_rank_and_world_from_arguments_and_environment():
 @pytest.mark.slow
 def test_stage1_trains_from_cached_features(tiny_models, cached, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = [
-        f"run_dir={run_dir}",
-        f"model.vision.model={tiny_models}/clip",
-        f"model.llm.model={tiny_models}/llm",
-        "data.input=features",
-        f"data.sources=[{{shards: '{cached}/*.tar'}}]",
-        "data.val_shards=",
-        "data.num_workers=1",
-        "data.shuffle_buffer=20",
-        "train.micro_batch_size=4",
-        "train.global_batch_size=8",
-        "train.max_steps=3",
-        "train.log_every_steps=1",
-        "train.save_every_steps=100",
-        "train.eval_every_steps=0",
-        "logging.wandb_mode=disabled",
-        "optim.warmup_steps=1",
-    ]
+    overrides = three_step_overrides(run_dir, tiny_models, cached, "data.input=features", global_batch=8)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(name, None)

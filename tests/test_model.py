@@ -27,6 +27,21 @@ def test_real_recipe_shapes_on_meta_device():
     assert 70e6 < n_resampler < 90e6, n_resampler
 
 
+def test_mfu_counts_the_body_at_every_token_and_the_head_at_supervised_tokens():
+    from pipeline.training.metrics import llm_flop_parameters, step_flops
+    from pipeline.training.stages import parameter_count
+
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(llama3_8b_config())
+    n_body, n_head = llm_flop_parameters(llm, parameter_count)
+    assert n_head == 128256 * 4096
+    assert n_body == parameter_count(llm) - 2 * 128256 * 4096  # untied: embedding and head both left out
+    assert round(n_body / 1e9, 2) == 6.98
+    # One sample: BOS + 64 image tokens + 18 caption tokens, 18 of them supervised, 64 latents.
+    flops = step_flops(n_body, n_head, 80_000_000, 0, 83, 18, 1, 64, 0)
+    assert flops == 4 * n_body * 83 + 4 * n_head * 18 + 6 * 80_000_000 * 64
+
+
 def test_only_caption_tokens_and_eos_carry_labels():
     """Must-show (f): BOS and the image prefix are never supervised; each caption token and its EOS is."""
     bos, eos, pad, latents = 1, 2, 0, 4

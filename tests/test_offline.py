@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import write_caption_shards
+from conftest import three_step_overrides, write_caption_shards
 
 from pipeline.prep.offline import enforce_offline
 
@@ -147,23 +147,7 @@ def caption_shards(tmp_path_factory) -> Path:
 def test_toy_stage1_trains_with_every_network_call_refused(tiny_models, caption_shards, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "guard.jsonl"
     env = guarded_env(log, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
-    overrides = [
-        f"run_dir={run_dir}",
-        f"model.vision.model={tiny_models}/clip",
-        f"model.llm.model={tiny_models}/llm",
-        f"data.sources=[{{shards: '{caption_shards}/*.tar'}}]",
-        "data.val_shards=",
-        "data.num_workers=1",
-        "data.shuffle_buffer=10",
-        "train.micro_batch_size=4",
-        "train.global_batch_size=4",
-        "train.max_steps=3",
-        "train.log_every_steps=1",
-        "train.save_every_steps=100",
-        "train.eval_every_steps=0",
-        "logging.wandb_mode=disabled",
-        "optim.warmup_steps=1",
-    ]
+    overrides = three_step_overrides(run_dir, tiny_models, caption_shards)
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.train", "--config", "configs/toy.yaml", *overrides],
         cwd=ROOT,

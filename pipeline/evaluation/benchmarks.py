@@ -140,25 +140,25 @@ def _read_vqa_format(questions, annotations, images_dir: Path, pattern: str) -> 
 
 
 def _read_textvqa(records: list[dict], images_dir: Path, pattern: str) -> VQABenchmark:
-    answered = all("answers" in r for r in records)
-    return VQABenchmark(
-        "textvqa",
-        "question_id",
-        {r["question_id"]: str(images_dir / pattern.format(**r)) for r in records},
-        {r["question_id"]: r["question"] for r in records},
-        {r["question_id"]: list(r["answers"]) for r in records} if answered else None,
-    )
+    return _read_keyed_records("textvqa", "question_id", records, images_dir, pattern, lambda r: list(r["answers"]))
 
 
 def _read_vizwiz(records: list[dict], images_dir: Path, pattern: str) -> VQABenchmark:
+    return _read_keyed_records("vizwiz", "image", records, images_dir, pattern,
+                               lambda r: [a["answer"] for a in r["answers"]], with_answer_types=True)
+
+
+def _read_keyed_records(name: str, key: str, records: list[dict], images_dir: Path, pattern: str, answers_of,
+                        with_answer_types: bool = False) -> VQABenchmark:
+    """A benchmark whose records each hold their image, question and (when released) answers, keyed by `key`."""
     answered = all("answers" in r for r in records)
     return VQABenchmark(
-        "vizwiz",
-        "image",
-        {r["image"]: str(images_dir / pattern.format(**r)) for r in records},
-        {r["image"]: r["question"] for r in records},
-        {r["image"]: [a["answer"] for a in r["answers"]] for r in records} if answered else None,
-        answer_types={r["image"]: r.get("answer_type", "") for r in records} if answered else None,
+        name,
+        key,
+        {r[key]: str(images_dir / pattern.format(**r)) for r in records},
+        {r[key]: r["question"] for r in records},
+        {r[key]: answers_of(r) for r in records} if answered else None,
+        answer_types={r[key]: r.get("answer_type", "") for r in records} if answered and with_answer_types else None,
     )
 
 
