@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 import traceback
@@ -35,6 +36,14 @@ def attention_of(variant: str, default: str) -> str:
     if "flex" in variant:
         return "flex_attention"
     return default
+
+
+def free_memory(device: torch.device) -> None:
+    """Release what the last run left and restart the peak-memory count."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def synchronize(device: torch.device) -> None:

@@ -35,7 +35,6 @@ spending GPU time; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -50,6 +49,7 @@ from benchmarks.common import (  # noqa: E402
     attention_of,
     compile_decoder_layers,
     error_row,
+    free_memory,
     parse_runs,
     pinned,
     profile_steps,
@@ -213,7 +213,7 @@ def main():
         torch.manual_seed(0)
         resampler = build_resampler(RunConfig().model, CLIP_VIT_L14["hidden_size"], llm.config.hidden_size).to(DEVICE)
         n_res = parameter_count(resampler)
-        free_memory()
+        free_memory(DEVICE)
         llm.config._attn_implementation = attention_of(variant, args.attn)
         try:
             if "compile" in variant:
@@ -254,13 +254,6 @@ def main():
                 row["speedup_vs_best_baseline"] = row["samples_per_s"] / max(baselines)
     print(json.dumps(results, indent=2))
     save(results, args.out)
-
-
-def free_memory() -> None:
-    gc.collect()
-    if DEVICE.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 if __name__ == "__main__":

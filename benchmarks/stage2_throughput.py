@@ -36,7 +36,6 @@ spending GPU time; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from benchmarks.common import (  # noqa: E402
     attention_of,
     compile_decoder_layers,
     error_row,
+    free_memory,
     parse_runs,
     pinned,
     profile_steps,
@@ -203,13 +203,6 @@ def pipeline_step(model: AnyMAL, micro: int):
     return step
 
 
-def free_memory() -> None:
-    gc.collect()
-    if DEVICE.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
 def useful_flops(model: AnyMAL, batches: list[dict]) -> float:
     n_body, n_head = llm_flop_parameters(model.llm, parameter_count)
     n_adapters = sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" in n)
@@ -275,7 +268,7 @@ def main():
                 for n, p in model.named_parameters():
                     if n in initial:
                         p.copy_(initial[n])
-            free_memory()
+            free_memory(DEVICE)
             model.llm.config._attn_implementation = attention_of(variant, args.attn)
             try:
                 if "compile" in variant:
@@ -291,7 +284,7 @@ def main():
             except Exception as exc:  # noqa: BLE001 - record the failure and go on to the next run
                 results["variants"][name] = error_row(exc)
                 print(name, results["variants"][name]["error"], flush=True)
-                free_memory()
+                free_memory(DEVICE)
                 continue
             tokens = int(lengths.sum()) + lengths.numel() * IMAGE_TOKENS
             row = {
@@ -311,7 +304,7 @@ def main():
                 print(name, "profile", json.dumps(profile), flush=True)
             save(results, args.out)
         del model, initial, trainer_step
-        free_memory()
+        free_memory(DEVICE)
     for prefix in ("", "qlora-"):
         baselines = [row["tokens_per_s_per_gpu"] for key, row in results["variants"].items()
                      if key.startswith(prefix + "baseline@") and "error" not in row]

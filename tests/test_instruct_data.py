@@ -77,7 +77,7 @@ def test_toy_instruction_data_goes_through_the_converter(tmp_path, toy_world, ti
     assert multi and not any(instruct.SHORT_ANSWER in text for text in multi)
     held_out = {q for kind in instruct.questions(world.sample_attributes(random.Random(0))).values() for q in kind[1]}
     asked = {q.removeprefix("<image>\n").split("\n")[0] for q in questions}
-    assert len(held_out) == 11 and len(asked) == 15 and not asked & held_out
+    assert len(held_out) == 10 and len(asked) == 17 and not asked & held_out
 
     stats = convert(source, toy_world, tmp_path / "shards", shard_size=25)
     assert stats["written"] == 60 and stats["shards"] == 3
