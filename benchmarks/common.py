@@ -1,4 +1,5 @@
-"""What the step benchmarks share: run specs, timing, a kernel-time profile, the layer compile and error capture."""
+"""What the step benchmarks share: run specs, timing, a kernel-time profile, an idle-gap trace, the layer compile and
+error capture."""
 
 from __future__ import annotations
 
@@ -53,11 +54,12 @@ def synchronize(device: torch.device) -> None:
 
 def time_steps(step_fn, batches: list[dict], warmup: int, device: torch.device, warm_pass: bool = False
                ) -> tuple[float, list]:
-    """Seconds for the batches after `warmup`, and every step's return value (e.g. its loss).
+    """Seconds for the batches after `warmup`, and every step's return value (e.g. its loss) as a number.
 
-    `warm_pass` first runs the timed batches once untimed, so that per-shape first-time costs (cuDNN attention
-    plans, cuBLAS heuristics, compiled-shape guards) of a padded step whose length changes every batch are paid
-    before timing, as they are after the first few thousand steps of a real run."""
+    A step may return a device tensor: it is read after the clock stops, so that timing does not add a host sync
+    per step that the trainer does not have. `warm_pass` first runs the timed batches once untimed, so that per-shape
+    first-time costs (cuDNN attention plans, cuBLAS heuristics, compiled-shape guards) of a padded step whose length
+    changes every batch are paid before timing, as they are after the first few thousand steps of a real run."""
     results = [step_fn(batch) for batch in batches[:warmup]]
     if warm_pass:
         for batch in batches[warmup:]:
@@ -66,7 +68,52 @@ def time_steps(step_fn, batches: list[dict], warmup: int, device: torch.device, 
     start = time.perf_counter()
     results += [step_fn(batch) for batch in batches[warmup:]]
     synchronize(device)
-    return time.perf_counter() - start, results
+    seconds = time.perf_counter() - start
+    return seconds, [float(r) if torch.is_tensor(r) else r for r in results]
+
+
+def extra_batches(profile: bool, trace: bool) -> int:
+    """Batches `measure` needs beyond warm-up and timed steps: 2 for the profile, 2 for the trace."""
+    return 2 * profile + 2 * trace
+
+
+def measure(step_fn, batches: list[dict], warmup: int, steps: int, device: torch.device, *, profile: bool = False,
+            trace: Path | None = None, warm_pass: bool = False) -> dict:
+    """One run's timing: {"seconds", "losses"}, plus "profile" (kernel time by category) and "idle" (the device's
+    idle gaps, from a trace written to `trace`) over extra batches after the timed ones."""
+    timed_until = warmup + steps
+    seconds, losses = time_steps(step_fn, batches[:timed_until], warmup, device, warm_pass=warm_pass)
+    out = {"seconds": seconds, "losses": losses}
+    if profile:
+        out["profile"] = profile_steps(step_fn, batches[timed_until : timed_until + 2], device)
+    if trace is not None:
+        out["idle"] = trace_steps(step_fn, batches[timed_until + 2 * profile : timed_until + 2 * profile + 2], device,
+                                  trace)
+    return out
+
+
+def trace_steps(step_fn, batches: list[dict], device: torch.device, path: Path) -> dict:
+    """Run `batches` under torch.profiler with host stacks, write the trace (gzip JSON) and summarise its gaps."""
+    import gzip
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.trace_gaps import idle_gaps, load_trace
+
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, with_stack=True) as prof:
+        for batch in batches:
+            step_fn(batch)
+        synchronize(device)
+    plain = path.with_suffix("")
+    prof.export_chrome_trace(str(plain))
+    with open(plain, "rb") as source, gzip.open(path, "wb") as target:
+        target.write(source.read())
+    plain.unlink()
+    summary = idle_gaps(load_trace(path))
+    summary["trace"] = str(path)
+    return summary
 
 
 def _category(name: str) -> str:
@@ -86,7 +133,7 @@ def profile_steps(step_fn, batches: list[dict], device: torch.device, top: int =
 
     synchronize(device)
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
         for batch in batches:
             step_fn(batch)
         synchronize(device)
@@ -138,3 +185,57 @@ def save(results: dict, out: str) -> None:
     """Write the results so far (after every run, so a run cut short still leaves the finished ones)."""
     if out:
         Path(out).write_text(json.dumps(results, indent=2))
+
+
+def record(results: dict, name: str, row: dict, out: str) -> None:
+    """Add a finished run's row, print it (without its profile) and save the results so far."""
+    results["variants"][name] = row
+    print(name, json.dumps({k: v for k, v in row.items() if k not in ("profile", "idle")}), flush=True)
+    for key in ("profile", "idle"):
+        if key in row:
+            print(name, key, json.dumps(row[key]), flush=True)
+    save(results, out)
+
+
+def print_table(results: dict, columns: list[str]) -> None:
+    """The runs as a short table, printed last so that it ends the output."""
+    print(f"{results['device']}, torch {results['torch']}")
+    print(" | ".join(["run", *columns]))
+    for name, row in results["variants"].items():
+        cells = [row.get("error", "")[:60]] if "error" in row else [
+            f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        print(" | ".join([name, *cells]))
+
+
+def trace_path(directory: str, run: str) -> Path | None:
+    """Where a run's trace goes: a file name of letters, digits, '.', '_' and '-' only."""
+    if not directory:
+        return None
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return Path(directory) / ("trace_" + "".join(c if c.isalnum() else "_" for c in run) + ".json.gz")
+
+
+def check_varlen_kernel(device: torch.device) -> dict:
+    """The varlen flash kernel against SDPA under the equivalent mask (bf16, random data), for spans of equal length
+    and for query spans shorter than, and aligned with the end of, their key spans (the pruned last layer's case).
+    Raises if they disagree beyond bf16 rounding."""
+    from pipeline.model import attention
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    errors = {}
+    for case, query_lengths, key_lengths in (("equal", [83, 70, 129, 5], [83, 70, 129, 5]),
+                                             ("end_aligned", [18, 1, 40, 0], [82, 64, 128, 0])):
+        cu_query = torch.tensor([0, *query_lengths], device=device).cumsum(0).to(torch.int32)
+        cu_key = torch.tensor([0, *key_lengths], device=device).cumsum(0).to(torch.int32)
+        query = torch.randn(int(cu_query[-1]), 32, 128, device=device, dtype=torch.bfloat16, generator=generator)
+        key, value = (torch.randn(int(cu_key[-1]), 8, 128, device=device, dtype=torch.bfloat16, generator=generator)
+                      for _ in range(2))
+        fast = attention.attend_spans(query, key, value, cu_query, cu_key, 129, 128**-0.5)
+        reference = torch.nn.functional.scaled_dot_product_attention(
+            query.float().transpose(0, 1)[None], key.float().transpose(0, 1)[None], value.float().transpose(0, 1)[None],
+            attn_mask=attention._span_mask(cu_query, cu_key), scale=128**-0.5, enable_gqa=True,
+        )[0].transpose(0, 1)
+        errors[case] = ((fast.float() - reference).norm() / reference.norm()).item()
+    if not all(error < 2e-2 for error in errors.values()):
+        raise RuntimeError(f"varlen kernel disagrees with masked SDPA: relative errors {errors}")
+    return {"relative_error": errors}

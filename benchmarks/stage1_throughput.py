@@ -13,10 +13,15 @@ memory, as the training loader delivers them on a GPU.
 Variants:
   baseline      captions padded to 64 tokens, full logits, HF `LlamaForCausalLM(labels=...)` loss, SDPA,
                 plain torch AdamW on the resampler. This is the "plain HF step".
-  pipeline      the trainer's own step (`Trainer.train_step`) through DeepSpeed ZeRO-2: packed rows, loss at
-                supervised positions only, global token-mean normalisation; SDPA over the packed row's mask.
+  pipeline      the trainer's own step (`Trainer.train_step`, then its stop-signal exchange, as `fit` runs them)
+                through DeepSpeed ZeRO-2: packed rows laid out on the host, loss at supervised positions only, global
+                token-mean normalisation; SDPA over the packed row's mask.
   +flex         flex attention (block-sparse over the packed row) instead of SDPA.
-  +varlen       PyTorch's variable-length flash attention over the samples' boundaries (pipeline/model/attention.py).
+  +varlen       PyTorch's variable-length flash attention over the samples' boundaries (pipeline/model/attention.py);
+                the last layer computes only the rows the loss reads (pipeline/model/last_layer.py), unless:
+  +full         the last layer computes every row.
+  +devicelayout the caption ids and lengths are moved to the GPU with the features, so the token layout is built
+                there, with host syncs (how the step ran before the layout moved to the host).
   +compile      each LLM decoder layer compiled (torch.compile, dynamic shapes), as model.llm.compile_layers does;
                 compiled layers stay compiled for the runs that follow, so list compiled runs last.
 Every run reports its first step's loss: all runs start from the same resampler on the same batch, so the losses
@@ -27,7 +32,10 @@ left out), against 989 TFLOP/s dense bf16 per H100/H200:
   4 * N_body * (1 + 64 + caption tokens) per sample   N_body = LLM parameters less the embedding and the LM head
   + 4 * N_head * caption tokens                        the LM head, at supervised positions only
   + 6 * N_resampler * 64 per sample.
-`--profile` adds GPU kernel time per step by category (GEMM, attention, other) and the top kernels of each run.
+`--profile` adds GPU kernel time per step by category (GEMM, attention, other) and the top kernels of each run;
+`--trace DIR` writes a host+device trace of 2 more steps per run and reports where the GPU sat idle and which host
+code it waited for (benchmarks/trace_gaps.py). On a GPU the script first checks the varlen kernel against SDPA
+under the equivalent mask, for equal and for end-aligned unequal query and key spans.
 `--smoke` runs everything on the CPU with a 2-layer LLaMA of width 256 (no compile), to check the script before
 spending GPU time; its numbers mean nothing.
 """
@@ -47,14 +55,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     attention_of,
+    check_varlen_kernel,
     compile_decoder_layers,
     error_row,
+    extra_batches,
     free_memory,
+    measure,
     parse_runs,
     pinned,
-    profile_steps,
+    print_table,
+    record,
     save,
-    time_steps,
+    trace_path,
 )
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.model.anymal import AnyMAL, build_resampler, caption_sequence  # noqa: E402
@@ -151,7 +163,7 @@ def baseline_step(llm, resampler, bos, pad):
     return step
 
 
-def pipeline_step(llm, resampler, bos, eos, pad, micro):
+def pipeline_step(llm, resampler, bos, eos, pad, micro, variant: str):
     import torch.distributed as dist
 
     from pipeline.training.distributed import DistEnv, init_distributed
@@ -166,10 +178,16 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro):
     if not dist.is_initialized():
         init_distributed("nccl" if DEVICE.type == "cuda" else "gloo")
     model = AnyMAL(None, resampler, llm, bos, eos, pad, packing=True, max_caption_tokens=64)
+    model.prune_last_layer = "+full" not in variant
     trainer = Trainer(config, CaptionStage(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
+    text_on_device = "+devicelayout" in variant
 
     def step(batch):
-        return trainer.train_step([batch])["loss"]
+        if text_on_device:
+            batch = {k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        totals = trainer.train_step([batch])
+        trainer.agreed_stop_signal()
+        return totals[0] / totals[1]
 
     return step
 
@@ -182,6 +200,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--attn", default="sdpa", help="attention of the baseline and of plain `pipeline`")
     parser.add_argument("--profile", action="store_true", help="kernel time by category, 2 extra steps per run")
+    parser.add_argument("--trace", default="", help="directory for host+device traces (2 extra steps per run)")
     parser.add_argument("--out", default="")
     parser.add_argument("--smoke", action="store_true", help="a tiny LLaMA on the CPU: checks the script, no numbers")
     args = parser.parse_args()
@@ -202,9 +221,12 @@ def main():
     peak = peak_tflops() or 989.0
     device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (smoke test)"
     results = {"device": device_name, "timed_steps": args.steps, "torch": torch.__version__, "variants": {}}
+    if DEVICE.type == "cuda":
+        results["varlen_kernel_check"] = check_varlen_kernel(DEVICE)
+        print("varlen kernel check", json.dumps(results["varlen_kernel_check"]), flush=True)
     for variant, micro in runs:
         name = f"{variant}@{micro}"
-        extra = 2 if args.profile else 0
+        extra = extra_batches(args.profile, bool(args.trace))
         batches = make_batches(args.steps + args.warmup + extra, micro, llm.config.vocab_size, eos)
         if DEVICE.type == "cuda":
             batches = [pinned(batch) for batch in batches]
@@ -221,14 +243,14 @@ def main():
             if variant == "baseline":
                 step = baseline_step(llm, resampler.to(torch.bfloat16), bos, pad)
             else:
-                step = pipeline_step(llm, resampler, bos, eos, pad, micro)
-            seconds, losses = time_steps(step, batches[: args.warmup + args.steps], args.warmup, DEVICE)
-            profile = profile_steps(step, batches[args.warmup + args.steps:], DEVICE) if extra else None
+                step = pipeline_step(llm, resampler, bos, eos, pad, micro, variant)
+            run = measure(step, batches, args.warmup, args.steps, DEVICE, profile=args.profile,
+                          trace=trace_path(args.trace, name))
         except Exception as exc:  # noqa: BLE001 - record the failure and go on to the next run
             results["variants"][name] = error_row(exc)
             print(name, results["variants"][name]["error"], flush=True)
             continue
-        samples = args.steps * micro
+        seconds, samples = run["seconds"], args.steps * micro
         tokens = sum(int(b["caption_lengths"].sum()) + b["caption_lengths"].numel() * (1 + latents) for b in timed)
         row = {
             "samples_per_s": samples / seconds,
@@ -236,24 +258,19 @@ def main():
             "step_s": seconds / args.steps,
             "mfu": useful_flops(n_body, n_head, n_res, timed, latents) / seconds / (peak * 1e12),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None,
-            "first_step_loss": losses[0],
+            "first_step_loss": run["losses"][0],
             "attention": llm.config._attn_implementation,
+            **{key: run[key] for key in ("profile", "idle") if key in run},
         }
-        if profile:
-            row["profile"] = profile
-        results["variants"][name] = row
-        print(name, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-        if profile:
-            print(name, "profile", json.dumps(profile), flush=True)
-        save(results, args.out)
+        record(results, name, row, args.out)
     baselines = [row["samples_per_s"] for key, row in results["variants"].items()
                  if key.startswith("baseline@") and "error" not in row]
     if baselines:
         for row in results["variants"].values():
             if "error" not in row:
                 row["speedup_vs_best_baseline"] = row["samples_per_s"] / max(baselines)
-    print(json.dumps(results, indent=2))
     save(results, args.out)
+    print_table(results, ["samples_per_s", "speedup_vs_best_baseline", "mfu", "peak_mem_gb", "first_step_loss"])
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ spending GPU time; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -50,12 +49,15 @@ from benchmarks.common import (  # noqa: E402
     attention_of,
     compile_decoder_layers,
     error_row,
+    extra_batches,
     free_memory,
+    measure,
     parse_runs,
     pinned,
-    profile_steps,
+    print_table,
+    record,
     save,
-    time_steps,
+    trace_path,
 )
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.model.anymal import IGNORE_INDEX, AnyMAL, build_resampler, pad_samples  # noqa: E402
@@ -198,7 +200,9 @@ def pipeline_step(model: AnyMAL, micro: int):
     trainer = Trainer(config, InstructStage(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
 
     def step(batch):
-        return trainer.train_step([batch])["loss"]
+        totals = trainer.train_step([batch])
+        trainer.agreed_stop_signal()
+        return totals[0] / totals[1]
 
     return step
 
@@ -226,6 +230,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--attn", default="sdpa", help="attention of the baseline and of plain `pipeline`")
     parser.add_argument("--profile", action="store_true", help="kernel time by category, 2 extra steps per run")
+    parser.add_argument("--trace", default="", help="directory for host+device traces (2 extra steps per run)")
     parser.add_argument("--warm-pass", action="store_true",
                         help="run the timed batches once untimed first (steady-state per-shape costs)")
     parser.add_argument("--out", default="")
@@ -257,7 +262,7 @@ def main():
         initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         for variant, micro in kind_runs:
             name = f"{variant}@{micro}"
-            extra = 2 if args.profile else 0
+            extra = extra_batches(args.profile, bool(args.trace))
             batches = make_batches(args.steps + args.warmup + extra, micro, model.llm.config.vocab_size)
             if DEVICE.type == "cuda":
                 batches = [pinned(batch) for batch in batches]
@@ -278,14 +283,14 @@ def main():
                 else:
                     trainer_step = trainer_step or pipeline_step(model, micro)
                     step = trainer_step
-                seconds, losses = time_steps(step, batches[: args.warmup + args.steps], args.warmup, DEVICE,
-                                             warm_pass=args.warm_pass)
-                profile = profile_steps(step, batches[args.warmup + args.steps:], DEVICE) if extra else None
+                run = measure(step, batches, args.warmup, args.steps, DEVICE, profile=args.profile,
+                              trace=trace_path(args.trace, name), warm_pass=args.warm_pass)
             except Exception as exc:  # noqa: BLE001 - record the failure and go on to the next run
                 results["variants"][name] = error_row(exc)
                 print(name, results["variants"][name]["error"], flush=True)
                 free_memory(DEVICE)
                 continue
+            seconds = run["seconds"]
             tokens = int(lengths.sum()) + lengths.numel() * IMAGE_TOKENS
             row = {
                 "tokens_per_s_per_gpu": tokens / seconds,
@@ -293,16 +298,11 @@ def main():
                 "step_s": seconds / args.steps,
                 "mfu": useful_flops(model, timed) / seconds / (peak * 1e12),
                 "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None,
-                "first_step_loss": losses[0],
+                "first_step_loss": run["losses"][0],
                 "attention": model.llm.config._attn_implementation,
+                **{key: run[key] for key in ("profile", "idle") if key in run},
             }
-            if profile:
-                row["profile"] = profile
-            results["variants"][name] = row
-            print(name, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-            if profile:
-                print(name, "profile", json.dumps(profile), flush=True)
-            save(results, args.out)
+            record(results, name, row, args.out)
         del model, initial, trainer_step
         free_memory(DEVICE)
     for prefix in ("", "qlora-"):
@@ -311,8 +311,9 @@ def main():
         for key, row in results["variants"].items():
             if baselines and key.startswith(prefix + "pipeline") and "error" not in row:
                 row["speedup_vs_best_baseline"] = row["tokens_per_s_per_gpu"] / max(baselines)
-    print(json.dumps(results, indent=2))
     save(results, args.out)
+    print_table(results, ["tokens_per_s_per_gpu", "speedup_vs_best_baseline", "mfu", "peak_mem_gb",
+                          "first_step_loss"])
 
 
 if __name__ == "__main__":

@@ -18,8 +18,14 @@ def test_packed_layout_restarts_positions_and_labels_only_captions():
     assert seq.labels[0][seq.labels[0] != IGNORE_INDEX].tolist() == [t for c in captions for t in c]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
-def test_packed_equals_padded_loss_and_gradients(tiny_models, attn):
+@pytest.mark.parametrize("attn,prune", [("sdpa", False), ("varlen", False), ("varlen", True)])
+def test_packed_equals_padded_loss_and_gradients(tiny_models, attn, prune, monkeypatch):
+    """With varlen, `prune` runs the last layer only at the rows the loss reads (`pipeline/model/last_layer.py`)."""
+    import pipeline.model.anymal as anymal
+
+    pruned_calls = []
+    full_layer = anymal.last_layer_at_rows
+    monkeypatch.setattr(anymal, "last_layer_at_rows", lambda *args: pruned_calls.append(1) or full_layer(*args))
     tokenizer = AutoTokenizer.from_pretrained(tiny_models / "llm")
     config = ModelConfig()
     config.vision.model, config.vision.dtype = str(tiny_models / "clip"), "float32"
@@ -30,6 +36,7 @@ def test_packed_equals_padded_loss_and_gradients(tiny_models, attn):
     config.resampler.head_dim = 16
     torch.manual_seed(0)
     model = build_anymal(config, tokenizer)
+    model.prune_last_layer = prune
     generator = torch.Generator().manual_seed(1)
     lengths = torch.tensor([3, 9, 1, 6, 12])
     ids = torch.randint(0, 40, (int(lengths.sum()),), generator=generator)
@@ -43,6 +50,7 @@ def test_packed_equals_padded_loss_and_gradients(tiny_models, attn):
         loss.backward()
         results[packing] = (loss.item(), tokens.item(),
                             {n: p.grad.clone() for n, p in model.resampler.named_parameters()})
+    assert len(pruned_calls) == (1 if prune else 0)
     padded_loss, padded_tokens, padded_grads = results[False]
     packed_loss, packed_tokens, packed_grads = results[True]
     assert padded_tokens == packed_tokens == int(lengths.sum())
@@ -51,11 +59,46 @@ def test_packed_equals_padded_loss_and_gradients(tiny_models, attn):
         assert ((packed_grads[name] - grad).abs().max() / grad.abs().max()).item() < 1e-5, name
 
 
+def test_packed_layout_boundaries_and_last_layer_rows():
+    from pipeline.model.anymal import last_layer_rows
+
+    seq = packed_caption_sequence(torch.tensor([5, 6, 2, 7, 2]), torch.tensor([3, 2]), prefix_length=3, bos_id=1)
+    assert seq.cu_seq_lens.tolist() == [0, 7, 13] and seq.cu_seq_lens.dtype == torch.int32
+    # Positions 3-5 predict the first caption, 10-11 the second.
+    assert seq.loss_positions.tolist() == [3, 4, 5, 10, 11] and seq.targets.tolist() == [5, 6, 2, 7, 2]
+    rows = last_layer_rows(seq.loss_positions, seq.cu_seq_lens[:-1].long())
+    assert rows.query_positions.tolist() == [3, 4, 5, 10, 11]
+    assert rows.key_positions.tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11]  # each sample's last token sees none
+    assert rows.cu_query.tolist() == [0, 3, 5] and rows.cu_key.tolist() == [0, 6, 11]
+    assert rows.loss_rows.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_last_layer_rows_of_a_sample_with_a_gap_and_one_with_nothing_to_predict():
+    from pipeline.model.anymal import last_layer_rows
+
+    # Samples start at 0, 6 and 9; the first predicts at 2 and 4 (not 3), the second nothing, the third at 10.
+    rows = last_layer_rows(torch.tensor([2, 4, 10]), torch.tensor([0, 6, 9]))
+    assert rows.query_positions.tolist() == [2, 3, 4, 10]
+    assert rows.key_positions.tolist() == [0, 1, 2, 3, 4, 9, 10]
+    assert rows.cu_query.tolist() == [0, 3, 3, 4] and rows.cu_key.tolist() == [0, 5, 5, 7]
+    assert rows.loss_rows.tolist() == [0, 2, 3]
+
+
+def test_span_mask_aligns_each_query_span_with_the_end_of_its_key_span():
+    from pipeline.model.attention import _span_mask
+
+    # Sample 0: 2 queries over 4 keys; sample 1: 1 query over 2 keys.
+    mask = _span_mask(torch.tensor([0, 2, 3]), torch.tensor([0, 4, 6]))
+    assert mask.int().tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]]
+    equal = _span_mask(torch.tensor([0, 2, 3]), torch.tensor([0, 2, 3]))
+    assert equal.int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+
 def test_varlen_boundaries_and_bound():
     from pipeline.model.attention import varlen_kwargs
 
-    kwargs = varlen_kwargs(torch.tensor([4, 9, 2]), max_length=16)
-    assert kwargs["cu_seq_lens_q"].tolist() == [0, 4, 13, 15] and kwargs["cu_seq_lens_q"].dtype == torch.int32
+    kwargs = varlen_kwargs(torch.tensor([0, 4, 13, 15], dtype=torch.int32), max_length=16)
+    assert kwargs["cu_seq_lens_q"].tolist() == kwargs["cu_seq_lens_k"].tolist() == [0, 4, 13, 15]
     assert kwargs["max_length_q"] == kwargs["max_length_k"] == 16
 
 

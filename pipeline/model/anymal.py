@@ -19,6 +19,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.model.attention import VARLEN, varlen_kwargs
+from pipeline.model.last_layer import last_layer_at_rows, supports_row_pruning
 from pipeline.model.llm import load_llm
 from pipeline.model.resampler import PerceiverResampler
 from pipeline.model.vision import VisionTower, load_vision_tower
@@ -26,9 +27,30 @@ from pipeline.model.vision import VisionTower, load_vision_tower
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# The batch fields that go to the model's device. Token ids, labels, lengths and offsets stay on the host, where the
+# token layout is built (`TokenLayout`): there every size is known without waiting for the GPU.
+IMAGE_INPUTS = ("pixel_values", "image_features")
 # Supervised positions go through the LM head in chunks of this many tokens, so the [tokens, vocab] logits of a
 # 128K vocabulary are never materialised for a whole batch at once.
 LOGIT_CHUNK_TOKENS = 4096
+
+
+@dataclass
+class LastLayerRows:
+    """Where the LLM's last decoder layer must compute outputs in a packed row, and what it must attend to.
+
+    Only the hidden states that predict a supervised token reach the loss, so the last layer computes queries,
+    attention output and MLP only from each sample's first such position to its last (`query_positions`), attending
+    to its keys and values from the sample's start up to that last position (`key_positions`). Each sample's query
+    span ends where its key span ends, which is the bottom-right causal alignment of flash attention's varlen
+    kernels. In stage 1 that skips the BOS and image positions: ~78% of the last layer's rows.
+    """
+
+    query_positions: torch.Tensor  # [Q] columns of the packed row, sample-major
+    key_positions: torch.Tensor  # [K]
+    cu_query: torch.Tensor  # int32 [B + 1] sample boundaries within query_positions
+    cu_key: torch.Tensor  # int32 [B + 1]
+    loss_rows: torch.Tensor  # [S] row of each supervised position within query_positions
 
 
 @dataclass
@@ -38,18 +60,77 @@ class TokenLayout:
     Packed (`pack_samples`): one row, `position_ids` restarting at 0 for every sample and no attention mask, so the
     LLM's attention (SDPA, flex or flash varlen in transformers) is block-diagonal causal and no token attends across
     samples. Padded (`pad_samples`): one row per sample with an `attention_mask`. Both give the same summed loss.
+
+    Layouts are built where the texts are: in training on the host, where every size is known, so that moving the
+    layout to the GPU (`to`) and indexing with it never waits for the device.
     """
 
     input_ids: torch.Tensor  # [rows, T]; image slots hold a filler id, replaced by embeddings
     labels: torch.Tensor  # [rows, T]; IGNORE_INDEX except at supervised tokens
     prefix_rows: torch.Tensor  # [B * prefix_length] row of each image slot, sample-major
     prefix_positions: torch.Tensor  # [B * prefix_length] column of each image slot, sample-major
+    loss_positions: torch.Tensor  # [S] flat index (row * T + column) of each position whose next token is supervised
+    targets: torch.Tensor  # [S] the supervised token each of those positions predicts
     position_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    cu_seq_lens: torch.Tensor | None = None  # packed: int32 [B + 1] sample boundaries in the row
+    last_layer: LastLayerRows | None = None
+
+    def to(self, device: torch.device) -> TokenLayout:
+        """The layout on `device`; host tensors are copied from page-locked memory, without a device sync."""
+
+        def move(value):
+            if isinstance(value, LastLayerRows):
+                return LastLayerRows(**{k: move(v) for k, v in vars(value).items()})
+            if not torch.is_tensor(value) or value.device == device:
+                return value
+            if device.type == "cuda" and value.device.type == "cpu":
+                value = value.pin_memory()
+            return value.to(device, non_blocking=True)
+
+        return TokenLayout(**{name: move(value) for name, value in vars(self).items()})
 
 
 def _slots(offset: torch.Tensor, image_start: torch.Tensor, prefix_length: int) -> torch.Tensor:
     return (offset >= image_start) & (offset < image_start + prefix_length)
+
+
+def _loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions whose next token is supervised, and those tokens (the shifted next-token targets)."""
+    following = labels[:, 1:]
+    rows, columns = torch.nonzero(following != IGNORE_INDEX, as_tuple=True)
+    return rows * labels.shape[1] + columns, following[rows, columns]
+
+
+def _spans(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The concatenated ranges [starts[i], starts[i] + lengths[i])."""
+    total = int(lengths.sum())
+    begin = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(total, device=lengths.device) + torch.repeat_interleave(starts - begin, lengths,
+                                                                                output_size=total)
+
+
+def _boundaries(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
+def last_layer_rows(loss_positions: torch.Tensor, starts: torch.Tensor) -> LastLayerRows:
+    """`LastLayerRows` of a packed row whose samples begin at `starts`, from its (ascending) loss positions."""
+    count = starts.shape[0]
+    sample = torch.bucketize(loss_positions, starts, right=True) - 1
+    first = torch.full((count,), torch.iinfo(torch.long).max, dtype=torch.long, device=starts.device)
+    first = first.scatter_reduce(0, sample, loss_positions, "amin")
+    last = torch.full((count,), -1, dtype=torch.long, device=starts.device)
+    last = last.scatter_reduce(0, sample, loss_positions, "amax")
+    supervised = last >= 0  # a sample with nothing to predict gets empty spans
+    first = torch.where(supervised, first, starts)
+    query_lengths = torch.where(supervised, last - first + 1, 0)
+    key_lengths = torch.where(supervised, last - starts + 1, 0)
+    cu_query = _boundaries(query_lengths)
+    return LastLayerRows(
+        query_positions=_spans(first, query_lengths), key_positions=_spans(starts, key_lengths), cu_query=cu_query,
+        cu_key=_boundaries(key_lengths), loss_rows=cu_query.long()[sample] + loss_positions - first[sample],
+    )
 
 
 def pack_samples(text_ids: torch.Tensor, text_labels: torch.Tensor, text_lengths: torch.Tensor,
@@ -60,16 +141,19 @@ def pack_samples(text_ids: torch.Tensor, text_labels: torch.Tensor, text_lengths
     lengths, image_offsets = text_lengths.to(device), image_offsets.to(device)
     sample_lengths = lengths + prefix_length
     starts = torch.cumsum(sample_lengths, 0) - sample_lengths
-    sample_of = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), sample_lengths)
-    offset = torch.arange(int(sample_lengths.sum()), device=device) - starts[sample_of]
+    total = int(sample_lengths.sum())
+    sample_of = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), sample_lengths,
+                                        output_size=total)
+    offset = torch.arange(total, device=device) - starts[sample_of]
     image_slot = _slots(offset, image_offsets[sample_of], prefix_length)
     input_ids = torch.full(offset.shape, filler_id, dtype=torch.long, device=device)
     input_ids[~image_slot] = text_ids
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[~image_slot] = text_labels
-    prefix_positions = torch.nonzero(image_slot).flatten()
+    prefix_positions = _spans(starts + image_offsets, torch.full_like(starts, prefix_length))
     return TokenLayout(input_ids[None], labels[None], torch.zeros_like(prefix_positions), prefix_positions,
-                       position_ids=offset[None])
+                       *_loss_positions(labels[None]), position_ids=offset[None],
+                       cu_seq_lens=_boundaries(sample_lengths))
 
 
 def pad_samples(text_ids: torch.Tensor, text_labels: torch.Tensor, text_lengths: torch.Tensor,
@@ -90,7 +174,7 @@ def pad_samples(text_ids: torch.Tensor, text_labels: torch.Tensor, text_lengths:
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[text_slot] = text_labels
     rows, positions = torch.nonzero(image_slot, as_tuple=True)
-    return TokenLayout(input_ids, labels, rows, positions, attention_mask=present.long())
+    return TokenLayout(input_ids, labels, rows, positions, *_loss_positions(labels), attention_mask=present.long())
 
 
 def caption_text(caption_ids: torch.Tensor, caption_lengths: torch.Tensor, bos_id: int):
@@ -131,6 +215,9 @@ class AnyMAL(nn.Module):
         self.llm = llm
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.packing = packing
+        # Packed varlen rows: the last decoder layer computes only the rows the loss reads (`last_layer`).
+        self.prune_last_layer = True
+        self._last_layer_fn = None
         # Bounds on a sample's length (the data pipeline truncates to them); varlen attention is sized by them.
         self.max_caption_tokens, self.max_sequence_tokens = max_caption_tokens, max_sequence_tokens
 
@@ -217,36 +304,63 @@ class AnyMAL(nn.Module):
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed loss and supervised-token count of texts with the image tokens inserted at their offsets.
 
-        `max_length` bounds a sample's length (image tokens included); varlen attention is sized by it."""
-        boundaries = {}
+        The layout is built where the texts are (the trainer leaves them on the host) and then moved to the
+        prefix's device, so no step of it waits for the GPU. `max_length` bounds a sample's length (image tokens
+        included); varlen attention is sized by it."""
+        prefix_length = prefix.shape[1]
+        decoder = self.llm.get_decoder()
+        varlen = self.packing and self.llm.config._attn_implementation == VARLEN
         if self.packing:
-            layout = pack_samples(text_ids, text_labels, text_lengths, image_offsets, prefix.shape[1], self.bos_id)
-            if self.llm.config._attn_implementation == VARLEN:
-                lengths = text_lengths.to(prefix.device) + prefix.shape[1]
-                bound = max_length or int(lengths.max())
-                # Checked on the device, without a sync: a longer sample would be cut short by the kernel.
-                torch._assert_async(lengths.max() <= bound, "a packed sample is longer than the configured maximum")
-                boundaries = varlen_kwargs(lengths, bound)
+            layout = pack_samples(text_ids, text_labels, text_lengths, image_offsets, prefix_length, self.bos_id)
         else:
-            layout = pad_samples(text_ids, text_labels, text_lengths, image_offsets, prefix.shape[1], self.pad_id)
-        hidden = self.llm.get_decoder()(
-            inputs_embeds=self.embed(layout, prefix), position_ids=layout.position_ids,
-            attention_mask=layout.attention_mask, use_cache=False, **boundaries,
-        ).last_hidden_state
-        return self.supervised_loss(hidden, layout.labels)
+            layout = pad_samples(text_ids, text_labels, text_lengths, image_offsets, prefix_length, self.pad_id)
+        if varlen:
+            longest = int(text_lengths.max()) + prefix_length
+            bound = max_length or longest
+            if longest > bound:  # the kernel would silently cut it short
+                raise RuntimeError(f"a packed sample of {longest} tokens is longer than the configured maximum "
+                                   f"({bound}: 1 + image tokens + model.max_caption_tokens, or max_sequence_tokens)")
+            if self.prune_last_layer and supports_row_pruning(decoder.layers[-1]):
+                layout.last_layer = last_layer_rows(layout.loss_positions, layout.cu_seq_lens[:-1].long())
+        layout = layout.to(prefix.device)
+        embeddings = self.embed(layout, prefix)
+        if varlen:
+            hidden = self._packed_hidden(decoder, embeddings, layout, bound)
+        else:
+            hidden = decoder(inputs_embeds=embeddings, position_ids=layout.position_ids,
+                             attention_mask=layout.attention_mask, use_cache=False).last_hidden_state
+        rows = layout.loss_positions if layout.last_layer is None else layout.last_layer.loss_rows
+        return self.supervised_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), layout.targets)
 
-    def supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token loss computed at supervised positions only, chunked through the LM head."""
-        targets = labels[:, 1:]
-        supervised = targets != IGNORE_INDEX
-        states = hidden[:, :-1][supervised]
-        targets = targets[supervised]
+    def _packed_hidden(self, decoder, embeddings: torch.Tensor, layout: TokenLayout, bound: int) -> torch.Tensor:
+        """The decoder over a packed row, its sample boundaries passed to every layer's varlen attention. With
+        `layout.last_layer`, the last layer computes only the rows the loss reads: [1, Q, width] comes back."""
+        boundaries = varlen_kwargs(layout.cu_seq_lens, bound)
+        if layout.last_layer is None:
+            return decoder(inputs_embeds=embeddings, position_ids=layout.position_ids, use_cache=False,
+                           **boundaries).last_hidden_state
+        layers = decoder.layers
+        position_embeddings = decoder.rotary_emb(embeddings, layout.position_ids)
+        hidden = embeddings
+        for layer in layers[:-1]:
+            hidden = layer(hidden, position_embeddings=position_embeddings, position_ids=layout.position_ids,
+                           **boundaries)
+        if self._last_layer_fn is None:
+            # The pruned layer runs the way the LLM's layers run: compiled when they are (model.llm.compile_layers).
+            compiled = getattr(layers[-1], "_compiled_call_impl", None) is not None
+            self._last_layer_fn = torch.compile(last_layer_at_rows, dynamic=True) if compiled else last_layer_at_rows
+        hidden = self._last_layer_fn(layers[-1], hidden, position_embeddings, layout.last_layer, bound)
+        return decoder.norm(hidden)
+
+    def supervised_loss(self, states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token loss of the hidden `states` [S, width] that predict `targets` [S], chunked through the
+        LM head; and S, as a host tensor (known without asking the device)."""
         head = self.llm.get_output_embeddings()
-        total = hidden.new_zeros((), dtype=torch.float32)
+        total = states.new_zeros((), dtype=torch.float32)
         for begin in range(0, targets.shape[0], LOGIT_CHUNK_TOKENS):
             logits = head(states[begin : begin + LOGIT_CHUNK_TOKENS]).float()
             total = total + F.cross_entropy(logits, targets[begin : begin + LOGIT_CHUNK_TOKENS], reduction="sum")
-        return total, torch.tensor(targets.shape[0], device=hidden.device)
+        return total, torch.tensor(targets.shape[0])
 
     @torch.no_grad()
     def generate(self, batch: dict, prompts: list[list[int]], image_offsets: list[int], max_new_tokens: int,

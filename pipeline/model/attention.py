@@ -34,8 +34,8 @@ def _varlen_kernel():
     native_gqa = "enable_gqa" in parameters
     takes_scale = "scale" in parameters
 
-    def attend(query, key, value, cu_seq_lens, max_length, scale):
-        # query [T, H, D], key/value [T, H_kv, D]
+    def attend(query, key, value, cu_query, cu_key, max_length, scale):
+        # query [Q, H, D], key/value [K, H_kv, D]
         options = dict(causal)
         if key.shape[1] != query.shape[1]:
             if native_gqa:
@@ -47,7 +47,7 @@ def _varlen_kernel():
             options["scale"] = scale
         elif abs(scale - query.shape[-1] ** -0.5) > 1e-6:
             raise RuntimeError("this PyTorch's varlen_attn has no scale argument; use flex_attention")
-        return varlen_attn(query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, **options)
+        return varlen_attn(query, key, value, cu_query, cu_key, max_length, max_length, **options)
 
     return attend
 
@@ -59,19 +59,38 @@ def varlen_available() -> bool:
     return _KERNEL is not None
 
 
-def varlen_kwargs(sample_lengths: torch.Tensor, max_length: int) -> dict:
+def varlen_kwargs(cu_seq_lens: torch.Tensor, max_length: int) -> dict:
     """The keyword arguments that carry a packed row's sample boundaries to every attention layer."""
-    cu_seq_lens = F.pad(torch.cumsum(sample_lengths, 0, dtype=torch.int32), (1, 0))
     return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": int(max_length),
             "max_length_k": int(max_length)}
 
 
-def _block_diagonal_mask(cu_seq_lens: torch.Tensor, length: int) -> torch.Tensor:
-    """[1, 1, T, T] boolean mask: causal within each sample, nothing across samples."""
-    sample = torch.bucketize(torch.arange(length, device=cu_seq_lens.device), cu_seq_lens[1:], right=True)
-    positions = torch.arange(length, device=cu_seq_lens.device)
-    allowed = (sample[:, None] == sample[None, :]) & (positions[:, None] >= positions[None, :])
-    return allowed[None, None]
+def _span_mask(cu_query: torch.Tensor, cu_key: torch.Tensor) -> torch.Tensor:
+    """[Q, K] boolean mask: query i of sample s sees the keys of sample s up to its own position, the two spans
+    aligned at their ends (flash attention's bottom-right causal alignment); with equal spans, causal
+    within each sample and nothing across samples."""
+    cu_query, cu_key = cu_query.long(), cu_key.long()
+    query_sample = torch.bucketize(torch.arange(int(cu_query[-1]), device=cu_query.device), cu_query[1:], right=True)
+    key_sample = torch.bucketize(torch.arange(int(cu_key[-1]), device=cu_key.device), cu_key[1:], right=True)
+    # Distance of each query and key from the end of its sample's span.
+    query_from_end = cu_query[1:][query_sample] - torch.arange(query_sample.shape[0], device=cu_query.device)
+    key_from_end = cu_key[1:][key_sample] - torch.arange(key_sample.shape[0], device=cu_key.device)
+    return (query_sample[:, None] == key_sample[None, :]) & (key_from_end[None, :] >= query_from_end[:, None])
+
+
+def attend_spans(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_query: torch.Tensor,
+                 cu_key: torch.Tensor, max_length: int, scale: float) -> torch.Tensor:
+    """Causal attention of each sample's query span to its key span (aligned at their ends), never across samples.
+
+    query [Q, H, D], key/value [K, H_kv, D] -> [Q, H, D]. The varlen flash kernel on a GPU; elsewhere SDPA under
+    the equivalent mask, so that the CPU tests check the same boundaries."""
+    if query.is_cuda and _KERNEL is not None:
+        return _KERNEL(query, key, value, cu_query, cu_key, max_length, scale)
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
+        attn_mask=_span_mask(cu_query, cu_key), scale=scale, enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return out[0].transpose(0, 1)
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -87,13 +106,12 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                                       **kwargs)
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError("varlen attention takes one packed row without an attention mask")
+    if dropout:
+        raise ValueError("varlen attention has no attention dropout; set the LLM's attention_dropout to 0")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if query.is_cuda and _KERNEL is not None:
-        out = _KERNEL(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_seq_lens,
-                      max_length, scale)
-        return out[None], None
-    mask = _block_diagonal_mask(cu_seq_lens, query.shape[2])
-    return sdpa_attention_forward(module, query, key, value, mask, scaling=scale, dropout=dropout, **kwargs)
+    out = attend_spans(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_seq_lens,
+                       cu_seq_lens, max_length, scale)
+    return out[None], None
 
 
 def varlen_mask(attention_mask=None, **kwargs):

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import RunConfig, gradient_accumulation_steps, to_dict
+from pipeline.model.anymal import IMAGE_INPUTS
 from pipeline.training import checkpoint as ckpt
 from pipeline.training.metrics import MetricsLogger, peak_tflops, wandb_mode
 
@@ -88,6 +89,42 @@ class StopSignal:
         self.received = signum
 
 
+class DeferredMax:
+    """An all-reduced maximum whose answer is read one exchange later, so that reading it does not wait for work
+    queued on the GPU after it (the all-reduce runs in stream order behind the step that posted it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending = None
+
+    def exchange(self, value: int) -> int:
+        """Post `value`; return the maximum over ranks of the values posted at the previous exchange (0 at first)."""
+        agreed = 0
+        if self.pending is not None:
+            answer, done = self.pending
+            if done is not None:
+                done.synchronize()
+            agreed = int(answer.item())
+        flag = _host_to_device(torch.tensor([value], dtype=torch.int64), self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        done = None
+        if self.device.type == "cuda":
+            answer = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            answer.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            flag = answer
+        self.pending = (flag, done)
+        return agreed
+
+
+def _host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`, copied from page-locked memory so that the copy does not wait for the GPU."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Trainer:
     def __init__(self, config: RunConfig, stage, make_loader, dist_env, device: torch.device, val_batches=None):
         """`stage` is a `CaptionStage` or `InstructStage` (its model frozen for it); `make_loader(state)` builds this
@@ -113,6 +150,7 @@ class Trainer:
         self.samples_seen = 0
         self.wandb_id = None
         self.stop_signal = StopSignal()
+        self.stop_agreement = DeferredMax(device)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
 
@@ -140,29 +178,31 @@ class Trainer:
     # -- the step ----------------------------------------------------------------------------------------------
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        """The image inputs on the device (page-locked batches copy asynchronously); the text fields stay here."""
+        return {k: v.to(self.device, non_blocking=True) if k in IMAGE_INPUTS else v for k, v in batch.items()}
 
-    def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over this rank's micro batches; returns step statistics (global sums)."""
-        local = torch.zeros(3, dtype=torch.float64)
-        for batch in micro_batches:
-            local += torch.tensor(self.stage.token_counts(batch), dtype=torch.float64)
-        totals = local.to(self.device)
+    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        """One optimizer step over this rank's micro batches.
+
+        Returns the step's global [loss sum, supervised tokens, samples, LLM tokens] (float64) on the device: nothing
+        here waits for the GPU, so the host queues the next step while this one runs. `fit` reads the numbers only
+        when it logs."""
+        local = torch.tensor([self.stage.token_counts(batch) for batch in micro_batches], dtype=torch.float64)
+        totals = _host_to_device(local.sum(0), self.device)
         dist.all_reduce(totals)
-        global_tokens = totals[0].item()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        world = self.dist_env.world_size
+        # Every micro batch back-propagates its summed loss over the step's global supervised-token count.
+        scale = (self.dist_env.world_size / totals[0]).float()
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         for batch in micro_batches:
             batch = self._to_device(batch)
             micro_loss, _ = self.stage.loss(self.engine, batch)
-            self.engine.backward(micro_loss * (world / global_tokens), scale_wrt_gas=False)
+            self.engine.backward(micro_loss * scale, scale_wrt_gas=False)
             self.engine.step()
             loss_sum += micro_loss.detach().double()
         dist.all_reduce(loss_sum)
         if self.config.train.record_sample_keys:
             self._record_keys(micro_batches)
-        return {"loss": loss_sum.item() / global_tokens, "supervised_tokens": global_tokens,
-                "samples": int(totals[1].item()), "llm_tokens": totals[2].item()}
+        return torch.cat([loss_sum, totals])
 
     def _record_keys(self, micro_batches: list[dict]) -> None:
         keys = [key for batch in micro_batches for key in batch["keys"]]
@@ -204,25 +244,22 @@ class Trainer:
         world = self.dist_env.world_size
         peak = peak_tflops()
         data_iter = iter(self.loader)
-        window = {"time": 0.0, "data_wait": 0.0, "samples": 0, "llm_tokens": 0.0, "supervised_tokens": 0.0,
-                  "steps": 0}
+        window = {"time": 0.0, "data_wait": 0.0, "totals": 0.0}
         step_started = time.perf_counter()
         while self.step < cfg.max_steps:
             micro_batches, data_wait = self._next_micro_batches(data_iter)
-            stats = self.train_step(micro_batches)
+            totals = self.train_step(micro_batches)
             self.step += 1
-            self.samples_seen += stats["samples"]
+            # Every micro batch holds micro_batch_size samples (the loader's streams are endless).
+            self.samples_seen += cfg.global_batch_size
             now = time.perf_counter()
             window["time"] += now - step_started
             step_started = now
             window["data_wait"] += data_wait
-            window["samples"] += stats["samples"]
-            window["llm_tokens"] += stats["llm_tokens"]
-            window["supervised_tokens"] += stats["supervised_tokens"]
-            window["steps"] += 1
+            window["totals"] = window["totals"] + totals
             if self.step % cfg.log_every_steps == 0 or self.step == 1:
-                metrics.log(self.step, self._step_metrics(stats, window, world, peak))
-                window = dict.fromkeys(window, 0)
+                metrics.log(self.step, self._step_metrics(totals, window, world, peak))
+                window = {"time": 0.0, "data_wait": 0.0, "totals": 0.0}
             sample_due = sample_every and (self.step % sample_every == 0 or self.step == cfg.max_steps)
             if sample_round is not None and sample_due:
                 sample_round(self.step)
@@ -230,7 +267,7 @@ class Trainer:
                 val_loss = self.validate()
                 if val_loss is not None:
                     metrics.log(self.step, {"val/loss": val_loss})
-            stop = self._agreed_stop_signal()
+            stop = self.agreed_stop_signal()
             if stop or self.step % cfg.save_every_steps == 0 or self.step == cfg.max_steps or (
                 cfg.stop_after_steps and self.step >= cfg.stop_after_steps
             ):
@@ -241,22 +278,26 @@ class Trainer:
                 return "stop_after_steps"
         return "max_steps"
 
-    def _agreed_stop_signal(self) -> int:
-        """All ranks agree on a stop request, so they checkpoint together whichever rank got the signal."""
-        flag = torch.tensor([self.stop_signal.received or 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+    def agreed_stop_signal(self) -> int:
+        """The stop request all ranks agreed on one step ago (0 for none); this step's request goes out now.
 
-    def _step_metrics(self, stats: dict, window: dict, world: int, peak: float | None) -> dict:
+        Every rank gets the same answer at the same step, so they checkpoint together whichever rank got the signal.
+        Reading the answer of the step before, whose all-reduce finished long ago, never waits for the GPU."""
+        return self.stop_agreement.exchange(self.stop_signal.received or 0)
+
+    def _step_metrics(self, totals: torch.Tensor, window: dict, world: int, peak: float | None) -> dict:
+        """The logged numbers: the last step's loss, the window's throughput. Reading them waits for the GPU."""
+        loss_sum, supervised, _, _ = totals.tolist()
+        _, window_supervised, window_samples, window_llm_tokens = window["totals"].tolist()
         seconds = max(window["time"], 1e-9)
-        flops = self.stage.flops(window["llm_tokens"], window["supervised_tokens"], window["samples"])
+        flops = self.stage.flops(window_llm_tokens, window_supervised, window_samples)
         out = {
-            "loss": stats["loss"],
+            "loss": loss_sum / supervised,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": _grad_norm(self.engine),
-            "samples_per_s": window["samples"] / seconds,
-            "tokens_per_s": window["llm_tokens"] / seconds,
-            "samples_per_s_per_gpu": window["samples"] / seconds / world,
+            "samples_per_s": window_samples / seconds,
+            "tokens_per_s": window_llm_tokens / seconds,
+            "samples_per_s_per_gpu": window_samples / seconds / world,
             "data_wait_frac": window["data_wait"] / seconds,
             "peak_mem_gb": _peak_memory_gb(),
         }
