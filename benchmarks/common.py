@@ -218,7 +218,7 @@ def trace_path(directory: str, run: str) -> Path | None:
 def check_varlen_kernel(device: torch.device) -> dict:
     """The varlen flash kernel against SDPA under the equivalent mask (bf16, random data), for spans of equal length
     and for query spans shorter than, and aligned with the end of, their key spans (the pruned last layer's case).
-    Raises if they disagree beyond bf16 rounding."""
+    "agrees" is False when they differ beyond bf16 rounding; a kernel error is recorded, not raised."""
     from pipeline.model import attention
 
     generator = torch.Generator(device=device).manual_seed(0)
@@ -230,12 +230,14 @@ def check_varlen_kernel(device: torch.device) -> dict:
         query = torch.randn(int(cu_query[-1]), 32, 128, device=device, dtype=torch.bfloat16, generator=generator)
         key, value = (torch.randn(int(cu_key[-1]), 8, 128, device=device, dtype=torch.bfloat16, generator=generator)
                       for _ in range(2))
-        fast = attention.attend_spans(query, key, value, cu_query, cu_key, 129, 128**-0.5)
+        try:
+            fast = attention.attend_spans(query, key, value, cu_query, cu_key, 129, 128**-0.5)
+        except Exception as exc:  # noqa: BLE001 - reported with the benchmark's results
+            errors[case] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
         reference = torch.nn.functional.scaled_dot_product_attention(
             query.float().transpose(0, 1)[None], key.float().transpose(0, 1)[None], value.float().transpose(0, 1)[None],
             attn_mask=attention._span_mask(cu_query, cu_key), scale=128**-0.5, enable_gqa=True,
         )[0].transpose(0, 1)
         errors[case] = ((fast.float() - reference).norm() / reference.norm()).item()
-    if not all(error < 2e-2 for error in errors.values()):
-        raise RuntimeError(f"varlen kernel disagrees with masked SDPA: relative errors {errors}")
-    return {"relative_error": errors}
+    return {"relative_error": errors, "agrees": all(isinstance(e, float) and e < 2e-2 for e in errors.values())}
