@@ -20,14 +20,16 @@ KERNEL_CATEGORIES = [
 ]
 
 
-def parse_runs(specs: list[str]) -> list[tuple[str, int]]:
-    """"variant@micro" strings into (variant, micro) pairs."""
+def parse_runs(specs: list[str]) -> list[tuple[str, int, int]]:
+    """"VARIANT@MICRO" or "VARIANT@MICROxACCUMULATION" strings into (variant, micro, accumulation) triples."""
     runs = []
     for spec in specs:
-        variant, _, micro = spec.partition("@")
-        if not micro.isdigit():
-            raise SystemExit(f"error: run '{spec}' must read VARIANT@MICRO_BATCH, e.g. pipeline+varlen@128")
-        runs.append((variant, int(micro)))
+        variant, _, sizes = spec.partition("@")
+        micro, _, accumulation = sizes.partition("x")
+        if not micro.isdigit() or not (accumulation or "1").isdigit():
+            raise SystemExit(f"error: run '{spec}' must read VARIANT@MICRO or VARIANT@MICROxACCUMULATION, "
+                             "e.g. pipeline+varlen@128 or pipeline+varlen@128x2")
+        runs.append((variant, int(micro), int(accumulation or 1)))
     return runs
 
 

@@ -6,9 +6,10 @@ features [B, 257, 1024], i.e. the vision tower is not run (the cached-feature se
 
     python benchmarks/stage1_throughput.py --runs baseline@64 pipeline+varlen+compile@128 [--profile] [--out r.json]
 
-Each run is VARIANT@MICRO_BATCH. Caption lengths come from a fixed LAION-like distribution: log-normal with mean ~18
+Each run is VARIANT@MICRO[xN]. Caption lengths come from a fixed LAION-like distribution: log-normal with mean ~18
 tokens, clipped to [4, 64] (EOS included), seeded, so every run sees the same captions. Batches sit in page-locked
-memory, as the training loader delivers them on a GPU.
+memory, as the training loader delivers them on a GPU. VARIANT@MICROxN runs N micro batches per optimizer step
+(default 1: an optimizer step after every micro batch, the most it can cost; the 8B recipe has 2 on one 8-GPU node).
 
 Variants:
   baseline      captions padded to 64 tokens, full logits, HF `LlamaForCausalLM(labels=...)` loss, SDPA,
@@ -20,6 +21,8 @@ Variants:
   +varlen       PyTorch's variable-length flash attention over the samples' boundaries (pipeline/model/attention.py);
                 the last layer computes only the rows the loss reads (pipeline/model/last_layer.py), unless:
   +full         the last layer computes every row.
+  +overlap      ZeRO-2's overlap_comm on (ds_configs/zero2.json has it off: it synchronizes the device after every
+                micro batch's backward, and the resampler's gradients come last, with nothing left to overlap).
   +devicelayout the caption ids and lengths are moved to the GPU with the features, so the token layout is built
                 there, with host syncs (how the step ran before the layout moved to the host).
   +compile      each LLM decoder layer compiled (torch.compile, dynamic shapes), as model.llm.compile_layers does;
@@ -47,6 +50,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -136,7 +140,17 @@ def baseline_step(llm, resampler, bos, pad):
     optimizer = torch.optim.AdamW(resampler.parameters(), lr=2e-4)
     embed = llm.get_input_embeddings()
 
-    def step(batch):
+    def step(micro_batches):
+        total = 0.0
+        for batch in micro_batches:
+            loss = micro_step(batch) / len(micro_batches)
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def micro_step(batch):
         batch = {k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         prefix = resampler(batch["image_features"])
         # Pad every caption to 64 tokens, as a plain HF collator with max_length padding does.
@@ -154,16 +168,12 @@ def baseline_step(llm, resampler, bos, pad):
         mask[:, : seq.attention_mask.shape[1]] = seq.attention_mask
         embeds = embed(input_ids)
         embeds = torch.cat([embeds[:, :1], prefix.to(embeds.dtype), embeds[:, 1 + prefix.shape[1]:]], dim=1)
-        loss = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
 
     return step
 
 
-def pipeline_step(llm, resampler, bos, eos, pad, micro, variant: str):
+def pipeline_step(llm, resampler, bos, eos, pad, micro, accumulation: int, variant: str):
     import torch.distributed as dist
 
     from pipeline.training.distributed import DistEnv, init_distributed
@@ -171,10 +181,16 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, variant: str):
     from pipeline.training.trainer import Trainer
 
     config = RunConfig()
-    config.train.global_batch_size = micro
+    config.train.global_batch_size = micro * accumulation
     config.train.micro_batch_size = micro
     config.train.precision = "bfloat16"
     config.data.sources = []
+    if "+overlap" in variant:  # ZeRO-2's overlap_comm, off in ds_configs/zero2.json: it syncs after every backward
+        ds = json.loads(Path(config.train.deepspeed_config).read_text())
+        ds["zero_optimization"]["overlap_comm"] = True
+        path = Path(tempfile.mkdtemp()) / "zero2_overlap.json"
+        path.write_text(json.dumps(ds))
+        config.train.deepspeed_config = str(path)
     if not dist.is_initialized():
         init_distributed("nccl" if DEVICE.type == "cuda" else "gloo")
     model = AnyMAL(None, resampler, llm, bos, eos, pad, packing=True, max_caption_tokens=64)
@@ -182,10 +198,11 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, variant: str):
     trainer = Trainer(config, CaptionStage(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
     text_on_device = "+devicelayout" in variant
 
-    def step(batch):
+    def step(micro_batches):
         if text_on_device:
-            batch = {k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        totals = trainer.train_step([batch])
+            micro_batches = [{k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+                             for b in micro_batches]
+        totals = trainer.train_step(micro_batches)
         trainer.agreed_stop_signal()
         return totals[0] / totals[1]
 
@@ -195,7 +212,7 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, variant: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=["baseline@64", "pipeline+varlen+compile@128"],
-                        help="VARIANT@MICRO_BATCH, e.g. baseline@64 pipeline+flex+compile@128")
+                        help="VARIANT@MICRO[xACCUMULATION], e.g. baseline@64 pipeline+varlen+compile@128x2")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--attn", default="sdpa", help="attention of the baseline and of plain `pipeline`")
@@ -212,7 +229,7 @@ def main():
     global DEVICE
     if args.smoke:
         DEVICE, args.steps, args.warmup = torch.device("cpu"), 2, 1
-        runs = [(variant.replace("+compile", ""), 4) for variant, _ in runs]
+        runs = [(variant.replace("+compile", ""), 4, acc) for variant, _, acc in runs]
 
     llm = build_llm(args.attn, args.smoke)
     bos, eos, pad = 128000, 128009, 128004
@@ -224,13 +241,14 @@ def main():
     if DEVICE.type == "cuda":
         results["varlen_kernel_check"] = check_varlen_kernel(DEVICE)
         print("varlen kernel check", json.dumps(results["varlen_kernel_check"]), flush=True)
-    for variant, micro in runs:
-        name = f"{variant}@{micro}"
-        extra = extra_batches(args.profile, bool(args.trace))
-        batches = make_batches(args.steps + args.warmup + extra, micro, llm.config.vocab_size, eos)
+    for variant, micro, acc in runs:
+        name = f"{variant}@{micro}" + (f"x{acc}" if acc > 1 else "")
+        steps = args.steps + args.warmup + extra_batches(args.profile, bool(args.trace))
+        batches = make_batches(steps * acc, micro, llm.config.vocab_size, eos)
         if DEVICE.type == "cuda":
             batches = [pinned(batch) for batch in batches]
-        timed = batches[args.warmup: args.warmup + args.steps]
+        timed = batches[args.warmup * acc: (args.warmup + args.steps) * acc]
+        step_inputs = [batches[i * acc: (i + 1) * acc] for i in range(steps)]
         results["mean_caption_tokens"] = float(torch.cat([b["caption_lengths"] for b in timed]).float().mean())
         torch.manual_seed(0)
         resampler = build_resampler(RunConfig().model, CLIP_VIT_L14["hidden_size"], llm.config.hidden_size).to(DEVICE)
@@ -243,14 +261,14 @@ def main():
             if variant == "baseline":
                 step = baseline_step(llm, resampler.to(torch.bfloat16), bos, pad)
             else:
-                step = pipeline_step(llm, resampler, bos, eos, pad, micro, variant)
-            run = measure(step, batches, args.warmup, args.steps, DEVICE, profile=args.profile,
+                step = pipeline_step(llm, resampler, bos, eos, pad, micro, acc, variant)
+            run = measure(step, step_inputs, args.warmup, args.steps, DEVICE, profile=args.profile,
                           trace=trace_path(args.trace, name))
         except Exception as exc:  # noqa: BLE001 - record the failure and go on to the next run
             results["variants"][name] = error_row(exc)
             print(name, results["variants"][name]["error"], flush=True)
             continue
-        seconds, samples = run["seconds"], args.steps * micro
+        seconds, samples = run["seconds"], args.steps * micro * acc
         tokens = sum(int(b["caption_lengths"].sum()) + b["caption_lengths"].numel() * (1 + latents) for b in timed)
         row = {
             "samples_per_s": samples / seconds,

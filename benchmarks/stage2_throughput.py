@@ -236,7 +236,9 @@ def main():
     parser.add_argument("--out", default="")
     parser.add_argument("--smoke", action="store_true", help="a tiny LLaMA on the CPU: checks the script, no numbers")
     args = parser.parse_args()
-    runs = parse_runs(args.runs)
+    runs = [(variant, micro) for variant, micro, accumulation in parse_runs(args.runs) if accumulation == 1]
+    if len(runs) != len(args.runs):
+        raise SystemExit("error: stage-2 runs take no accumulation (VARIANT@MICRO)")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     torch.backends.cuda.matmul.allow_tf32 = True
