@@ -23,6 +23,8 @@ Variants:
   +full         the last layer computes every row.
   +overlap      ZeRO-2's overlap_comm on (ds_configs/zero2.json has it off: it synchronizes the device after every
                 micro batch's backward, and the resampler's gradients come last, with nothing left to overlap).
+  +dstimers     DeepSpeed's throughput timer on, its default (zero2.json has it off: it synchronizes the device at
+                every micro batch's forward and optimizer step, to time them).
   +devicelayout the caption ids and lengths are moved to the GPU with the features, so the token layout is built
                 there, with host syncs (how the step ran before the layout moved to the host).
   +compile      each LLM decoder layer compiled (torch.compile, dynamic shapes), as model.llm.compile_layers does;
@@ -185,10 +187,13 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, accumulation: int, varia
     config.train.micro_batch_size = micro
     config.train.precision = "bfloat16"
     config.data.sources = []
-    if "+overlap" in variant:  # ZeRO-2's overlap_comm, off in ds_configs/zero2.json: it syncs after every backward
+    if "+overlap" in variant or "+dstimers" in variant:  # DeepSpeed's defaults, which ds_configs/zero2.json turns off
         ds = json.loads(Path(config.train.deepspeed_config).read_text())
-        ds["zero_optimization"]["overlap_comm"] = True
-        path = Path(tempfile.mkdtemp()) / "zero2_overlap.json"
+        if "+overlap" in variant:
+            ds["zero_optimization"]["overlap_comm"] = True
+        if "+dstimers" in variant:
+            ds.pop("timers")
+        path = Path(tempfile.mkdtemp()) / "zero2_variant.json"
         path.write_text(json.dumps(ds))
         config.train.deepspeed_config = str(path)
     if not dist.is_initialized():

@@ -77,15 +77,14 @@ class TokenLayout:
     last_layer: LastLayerRows | None = None
 
     def to(self, device: torch.device) -> TokenLayout:
-        """The layout on `device`. Its tensors travel as one buffer in one copy (page-locked for a GPU), which
-        waits neither for the GPU nor for a page-locked allocation per tensor."""
+        """The layout on `device`: its tensors travel as one buffer in one asynchronous copy. The buffer (~0.5 MB)
+        stays pageable: CUDA stages it at once without waiting for the device, where a page-locked buffer per step
+        would wait for an allocation whenever the last one is still in flight."""
         fields = {name: value for name, value in vars(self).items() if value is not None}
         rows = fields.pop("last_layer", None)
         if rows is not None:
             fields.update({f"last_layer.{name}": value for name, value in vars(rows).items()})
         flat = torch.cat([value.reshape(-1).long() for value in fields.values()])
-        if device.type == "cuda" and flat.device.type == "cpu":
-            flat = flat.pin_memory()
         pieces = flat.to(device, non_blocking=True).split([value.numel() for value in fields.values()])
         fields = {name: piece.view(value.shape).to(value.dtype)
                   for (name, value), piece in zip(fields.items(), pieces, strict=True)}
