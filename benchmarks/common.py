@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -39,6 +40,21 @@ def attention_of(variant: str, default: str) -> str:
     if "flex" in variant:
         return "flex_attention"
     return default
+
+
+def deepspeed_config_of(variant: str, path: str) -> str:
+    """The DeepSpeed JSON of a run: `path`, or a copy with DeepSpeed's defaults that ds_configs/zero2.json turns off
+    put back (+overlap: ZeRO-2's overlap_comm; +dstimers: the synchronizing throughput timer)."""
+    if "+overlap" not in variant and "+dstimers" not in variant:
+        return path
+    ds = json.loads(Path(path).read_text())
+    if "+overlap" in variant:
+        ds["zero_optimization"]["overlap_comm"] = True
+    if "+dstimers" in variant:
+        ds.pop("timers", None)
+    out = Path(tempfile.mkdtemp()) / "zero2_variant.json"
+    out.write_text(json.dumps(ds))
+    return str(out)
 
 
 def free_memory(device: torch.device) -> None:

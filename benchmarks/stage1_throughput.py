@@ -52,7 +52,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -63,6 +62,7 @@ from benchmarks.common import (  # noqa: E402
     attention_of,
     check_varlen_kernel,
     compile_decoder_layers,
+    deepspeed_config_of,
     error_row,
     extra_batches,
     free_memory,
@@ -187,15 +187,7 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, accumulation: int, varia
     config.train.micro_batch_size = micro
     config.train.precision = "bfloat16"
     config.data.sources = []
-    if "+overlap" in variant or "+dstimers" in variant:  # DeepSpeed's defaults, which ds_configs/zero2.json turns off
-        ds = json.loads(Path(config.train.deepspeed_config).read_text())
-        if "+overlap" in variant:
-            ds["zero_optimization"]["overlap_comm"] = True
-        if "+dstimers" in variant:
-            ds.pop("timers")
-        path = Path(tempfile.mkdtemp()) / "zero2_variant.json"
-        path.write_text(json.dumps(ds))
-        config.train.deepspeed_config = str(path)
+    config.train.deepspeed_config = deepspeed_config_of(variant, config.train.deepspeed_config)
     if not dist.is_initialized():
         init_distributed("nccl" if DEVICE.type == "cuda" else "gloo")
     model = AnyMAL(None, resampler, llm, bos, eos, pad, packing=True, max_caption_tokens=64)

@@ -23,6 +23,9 @@ Each run is VARIANT@MICRO_BATCH. Variants:
                     positions only, global token-mean normalisation; SDPA unless:
   +flex / +varlen   flex attention / PyTorch's variable-length flash attention over the packed row;
   +compile          each decoder layer compiled (dynamic shapes); it stays compiled for later runs of that model.
+  +full             the last layer computes every row (by default it computes only the rows the loss reads).
+  +overlap / +dstimers  DeepSpeed's overlap_comm / throughput timer on, as in stage1_throughput.py; the pipeline
+                    runs of one process share one engine, so the first pipeline run's settings hold for all.
   qlora-...         the same over NF4 base weights (one model per kind: LoRA runs first, then QLoRA runs).
 Reported per run: tokens/s per GPU (text tokens + 64 image tokens per sample, no padding counted), samples/s, step
 time, MFU (useful FLOPs as pipeline/training/metrics.py counts them: 4 N_body per token, 4 N_head per supervised
@@ -48,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     attention_of,
     compile_decoder_layers,
+    deepspeed_config_of,
     error_row,
     extra_batches,
     free_memory,
@@ -180,7 +184,7 @@ def baseline_step(model: AnyMAL):
     return step
 
 
-def pipeline_step(model: AnyMAL, micro: int):
+def pipeline_step(model: AnyMAL, micro: int, variant: str):
     """The trainer's step; the engine does not depend on the micro batch, so later runs of other sizes reuse it."""
     import torch.distributed as dist
 
@@ -195,6 +199,7 @@ def pipeline_step(model: AnyMAL, micro: int):
     config.train.precision = "bfloat16"
     config.optim.lr = 1e-5
     config.data.sources = []
+    config.train.deepspeed_config = deepspeed_config_of(variant, config.train.deepspeed_config)
     if not dist.is_initialized():
         init_distributed("nccl" if DEVICE.type == "cuda" else "gloo")
     trainer = Trainer(config, InstructStage(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
@@ -283,7 +288,8 @@ def main():
                 if variant.endswith("baseline"):
                     step = baseline_step(model)
                 else:
-                    trainer_step = trainer_step or pipeline_step(model, micro)
+                    model.prune_last_layer = "+full" not in variant
+                    trainer_step = trainer_step or pipeline_step(model, micro, variant)
                     step = trainer_step
                 run = measure(step, batches, args.warmup, args.steps, DEVICE, profile=args.profile,
                               trace=trace_path(args.trace, name), warm_pass=args.warm_pass)
