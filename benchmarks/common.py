@@ -43,8 +43,8 @@ def attention_of(variant: str, default: str) -> str:
 
 
 def deepspeed_config_of(variant: str, path: str) -> str:
-    """The DeepSpeed JSON of a run: `path`, or a copy with DeepSpeed's defaults that ds_configs/zero2.json turns off
-    put back (+overlap: ZeRO-2's overlap_comm; +dstimers: the synchronizing throughput timer)."""
+    """The DeepSpeed JSON of a run: `path`, or a copy with DeepSpeed's defaults that the project's JSONs turn off put
+    back (+overlap: ZeRO-2's overlap_comm, off for stage 1; +dstimers: the synchronizing throughput timer)."""
     if "+overlap" not in variant and "+dstimers" not in variant:
         return path
     ds = json.loads(Path(path).read_text())

@@ -21,9 +21,11 @@ Variants:
   +varlen       PyTorch's variable-length flash attention over the samples' boundaries (pipeline/model/attention.py);
                 the last layer computes only the rows the loss reads (pipeline/model/last_layer.py), unless:
   +full         the last layer computes every row.
-  +overlap      ZeRO-2's overlap_comm on (ds_configs/zero2.json has it off: it synchronizes the device after every
-                micro batch's backward, and the resampler's gradients come last, with nothing left to overlap).
-  +dstimers     DeepSpeed's throughput timer on, its default (zero2.json has it off: it synchronizes the device at
+  +overlap      ZeRO-2's overlap_comm on (stage 1's ds_configs/zero2_stage1.json has it off: it synchronizes the
+                device after every micro batch's backward, and the resampler's gradients come last, with nothing
+                left to overlap). Stage 2's zero2.json keeps it on: its adapters' gradients come all through the
+                backward (benchmarks/stage2_throughput.py).
+  +dstimers     DeepSpeed's throughput timer on, its default (both JSONs have it off: it synchronizes the device at
                 every micro batch's forward and optimizer step, to time them).
   +devicelayout the caption ids and lengths are moved to the GPU with the features, so the token layout is built
                 there, with host syncs (how the step ran before the layout moved to the host).
@@ -85,6 +87,7 @@ MEAN_CAPTION_TOKENS = 18.0
 CAPTION_SIGMA = 0.5
 PATCH_TOKENS = 257
 DEVICE = torch.device("cuda")
+STAGE1_DEEPSPEED_CONFIG = "ds_configs/zero2_stage1.json"  # as configs/stage1_8b.yaml
 
 
 def caption_lengths(count: int, seed: int) -> torch.Tensor:
@@ -187,7 +190,7 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, accumulation: int, varia
     config.train.micro_batch_size = micro
     config.train.precision = "bfloat16"
     config.data.sources = []
-    config.train.deepspeed_config = deepspeed_config_of(variant, config.train.deepspeed_config)
+    config.train.deepspeed_config = deepspeed_config_of(variant, STAGE1_DEEPSPEED_CONFIG)
     if not dist.is_initialized():
         init_distributed("nccl" if DEVICE.type == "cuda" else "gloo")
     model = AnyMAL(None, resampler, llm, bos, eos, pad, packing=True, max_caption_tokens=64)

@@ -24,8 +24,9 @@ Each run is VARIANT@MICRO_BATCH. Variants:
   +flex / +varlen   flex attention / PyTorch's variable-length flash attention over the packed row;
   +compile          each decoder layer compiled (dynamic shapes); it stays compiled for later runs of that model.
   +full             the last layer computes every row (by default it computes only the rows the loss reads).
-  +overlap / +dstimers  DeepSpeed's overlap_comm / throughput timer on, as in stage1_throughput.py; the pipeline
-                    runs of one process share one engine, so the first pipeline run's settings hold for all.
+  +dstimers         DeepSpeed's throughput timer on, as in stage1_throughput.py (ds_configs/zero2.json, stage 2's, has
+                    it off and overlap_comm on); the pipeline runs of one process share one engine, so the first
+                    pipeline run's settings hold for all.
   qlora-...         the same over NF4 base weights (one model per kind: LoRA runs first, then QLoRA runs).
 Reported per run: tokens/s per GPU (text tokens + 64 image tokens per sample, no padding counted), samples/s, step
 time, MFU (useful FLOPs as pipeline/training/metrics.py counts them: 4 N_body per token, 4 N_head per supervised
