@@ -354,14 +354,17 @@ def _validate_stage2(config: RunConfig) -> None:
 
 def gradient_accumulation_steps(config: RunConfig, world_size: int) -> int:
     """Accumulation derived from global batch, micro batch and world size; never configured separately."""
-    per_step = config.train.micro_batch_size * world_size
-    if config.train.global_batch_size % per_step:
+    train = config.train
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        fits = [m for m in range(train.micro_batch_size, 0, -1) if train.global_batch_size % (m * world_size) == 0]
+        advice = (f"e.g. train.micro_batch_size={fits[0]} (accumulation "
+                  f"{train.global_batch_size // (fits[0] * world_size)})" if fits else "change the global batch size")
         raise ConfigError(
-            f"train.global_batch_size={config.train.global_batch_size} is not divisible by "
-            f"micro_batch_size ({config.train.micro_batch_size}) x world size ({world_size}) = {per_step}; "
-            "change the global or micro batch size"
+            f"train.global_batch_size={train.global_batch_size} is not divisible by "
+            f"micro_batch_size ({train.micro_batch_size}) x world size ({world_size}) = {per_step}; {advice}"
         )
-    return config.train.global_batch_size // per_step
+    return train.global_batch_size // per_step
 
 
 def to_dict(config) -> dict:
