@@ -22,14 +22,16 @@ KERNEL_CATEGORIES = [
 
 
 def parse_runs(specs: list[str]) -> list[tuple[str, int, int]]:
-    """"VARIANT@MICRO" or "VARIANT@MICROxACCUMULATION" strings into (variant, micro, accumulation) triples."""
+    """ "VARIANT@MICRO" or "VARIANT@MICROxACCUMULATION" strings into (variant, micro, accumulation) triples."""
     runs = []
     for spec in specs:
         variant, _, sizes = spec.partition("@")
         micro, _, accumulation = sizes.partition("x")
         if not micro.isdigit() or not (accumulation or "1").isdigit():
-            raise SystemExit(f"error: run '{spec}' must read VARIANT@MICRO or VARIANT@MICROxACCUMULATION, "
-                             "e.g. pipeline+varlen@128 or pipeline+varlen@128x2")
+            raise SystemExit(
+                f"error: run '{spec}' must read VARIANT@MICRO or VARIANT@MICROxACCUMULATION, "
+                "e.g. pipeline+varlen@128 or pipeline+varlen@128x2"
+            )
         runs.append((variant, int(micro), int(accumulation or 1)))
     return runs
 
@@ -70,8 +72,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step_fn, batches: list[dict], warmup: int, device: torch.device, warm_pass: bool = False
-               ) -> tuple[float, list]:
+def time_steps(
+    step_fn, batches: list[dict], warmup: int, device: torch.device, warm_pass: bool = False
+) -> tuple[float, list]:
     """Seconds for the batches after `warmup`, and every step's return value (e.g. its loss) as a number.
 
     A step may return a device tensor: it is read after the clock stops, so that timing does not add a host sync
@@ -95,8 +98,17 @@ def extra_batches(profile: bool, trace: bool) -> int:
     return 2 * profile + 2 * trace
 
 
-def measure(step_fn, batches: list[dict], warmup: int, steps: int, device: torch.device, *, profile: bool = False,
-            trace: Path | None = None, warm_pass: bool = False) -> dict:
+def measure(
+    step_fn,
+    batches: list[dict],
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    *,
+    profile: bool = False,
+    trace: Path | None = None,
+    warm_pass: bool = False,
+) -> dict:
     """One run's timing: {"seconds", "losses"}, plus "profile" (kernel time by category) and "idle" (the device's
     idle gaps, from a trace written to `trace`) over extra batches after the timed ones."""
     timed_until = warmup + steps
@@ -105,8 +117,9 @@ def measure(step_fn, batches: list[dict], warmup: int, steps: int, device: torch
     if profile:
         out["profile"] = profile_steps(step_fn, batches[timed_until : timed_until + 2], device)
     if trace is not None:
-        out["idle"] = trace_steps(step_fn, batches[timed_until + 2 * profile : timed_until + 2 * profile + 2], device,
-                                  trace)
+        out["idle"] = trace_steps(
+            step_fn, batches[timed_until + 2 * profile : timed_until + 2 * profile + 2], device, trace
+        )
     return out
 
 
@@ -173,8 +186,10 @@ def profile_steps(step_fn, batches: list[dict], device: torch.device, top: int =
         "kernel_ms_per_step": busy,
         "idle_ms": wall_ms - busy,
         "by_category_ms": {k: round(v, 2) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [{"name": name[:120], "ms_per_step": round(ms, 2), "calls_per_step": calls}
-                        for name, ms, calls in kernels[:top]],
+        "top_kernels": [
+            {"name": name[:120], "ms_per_step": round(ms, 2), "calls_per_step": calls}
+            for name, ms, calls in kernels[:top]
+        ],
     }
 
 
@@ -220,8 +235,11 @@ def print_table(results: dict, columns: list[str]) -> None:
     print(f"{results['device']}, torch {results['torch']}")
     print(" | ".join(["run", *columns]))
     for name, row in results["variants"].items():
-        cells = [row.get("error", "")[:60]] if "error" in row else [
-            f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        cells = (
+            [row.get("error", "")[:60]]
+            if "error" in row
+            else [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        )
         print(" | ".join([name, *cells]))
 
 
@@ -241,21 +259,29 @@ def check_varlen_kernel(device: torch.device) -> dict:
 
     generator = torch.Generator(device=device).manual_seed(0)
     errors = {}
-    for case, query_lengths, key_lengths in (("equal", [83, 70, 129, 5], [83, 70, 129, 5]),
-                                             ("end_aligned", [18, 1, 40, 0], [82, 64, 128, 0])):
+    for case, query_lengths, key_lengths in (
+        ("equal", [83, 70, 129, 5], [83, 70, 129, 5]),
+        ("end_aligned", [18, 1, 40, 0], [82, 64, 128, 0]),
+    ):
         cu_query = torch.tensor([0, *query_lengths], device=device).cumsum(0).to(torch.int32)
         cu_key = torch.tensor([0, *key_lengths], device=device).cumsum(0).to(torch.int32)
         query = torch.randn(int(cu_query[-1]), 32, 128, device=device, dtype=torch.bfloat16, generator=generator)
-        key, value = (torch.randn(int(cu_key[-1]), 8, 128, device=device, dtype=torch.bfloat16, generator=generator)
-                      for _ in range(2))
+        key, value = (
+            torch.randn(int(cu_key[-1]), 8, 128, device=device, dtype=torch.bfloat16, generator=generator)
+            for _ in range(2)
+        )
         try:
             fast = attention.attend_spans(query, key, value, cu_query, cu_key, 129, 128**-0.5)
         except Exception as exc:  # noqa: BLE001 - reported with the benchmark's results
             errors[case] = f"{type(exc).__name__}: {exc}"[:300]
             continue
         reference = torch.nn.functional.scaled_dot_product_attention(
-            query.float().transpose(0, 1)[None], key.float().transpose(0, 1)[None], value.float().transpose(0, 1)[None],
-            attn_mask=attention._span_mask(cu_query, cu_key), scale=128**-0.5, enable_gqa=True,
+            query.float().transpose(0, 1)[None],
+            key.float().transpose(0, 1)[None],
+            value.float().transpose(0, 1)[None],
+            attn_mask=attention._span_mask(cu_query, cu_key),
+            scale=128**-0.5,
+            enable_gqa=True,
         )[0].transpose(0, 1)
         errors[case] = ((fast.float() - reference).norm() / reference.norm()).item()
     return {"relative_error": errors, "agrees": all(isinstance(e, float) and e < 2e-2 for e in errors.values())}

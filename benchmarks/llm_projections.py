@@ -75,8 +75,11 @@ def main():
             if kind == "fused" and len(widths_out) == 1:
                 continue
             ms = timed_ms(fn, args.repeats)
-            rows[f"{name}_{kind}"] = {"ms_per_layer": round(ms, 4), "ms_per_step": round(ms * LAYERS, 2),
-                                      "tflops": round(flops / ms / 1e9, 1)}
+            rows[f"{name}_{kind}"] = {
+                "ms_per_layer": round(ms, 4),
+                "ms_per_step": round(ms * LAYERS, 2),
+                "tflops": round(flops / ms / 1e9, 1),
+            }
     square = rand(8192, 8192)
     rows["peak_8192_cube"] = {"tflops": round(2 * 8192**3 / timed_ms(lambda: square @ square, args.repeats) / 1e9, 1)}
     print(json.dumps({"device": torch.cuda.get_device_name(), "tokens": t, "gemms": rows}, indent=1))

@@ -79,15 +79,30 @@ def run(work: Path, gpus: int, micro: int, accumulation: int, steps: int, attn: 
     run_dir = work / f"run_{gpus}gpu"
     env = {**os.environ, "NPROC": str(gpus), "MASTER_PORT": str(29600 + gpus)}
     subprocess.run(
-        [str(ROOT / "launch/stage1_local.sh"), "configs/stage1_8b.yaml", f"run_dir={run_dir}",
-         f"model.vision.model={work / 'clip'}", f"model.llm.model={work / 'llm'}",
-         f"model.llm.attn_implementation={attn}", f"model.llm.compile_layers={str(compile_layers).lower()}",
-         f"data.sources=[{{shards: '{work}/shards/*.tar'}}]", "data.val_shards=", "data.num_workers=6",
-         f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * gpus * accumulation}",
-         f"train.max_steps={steps}",
-         "train.log_every_steps=1", "train.save_every_steps=100000", "train.eval_every_steps=0",
-         "logging.wandb_mode=disabled", "logging.sample_every_steps=0", "optim.warmup_steps=1"],
-        check=True, cwd=ROOT, env=env,
+        [
+            str(ROOT / "launch/stage1_local.sh"),
+            "configs/stage1_8b.yaml",
+            f"run_dir={run_dir}",
+            f"model.vision.model={work / 'clip'}",
+            f"model.llm.model={work / 'llm'}",
+            f"model.llm.attn_implementation={attn}",
+            f"model.llm.compile_layers={str(compile_layers).lower()}",
+            f"data.sources=[{{shards: '{work}/shards/*.tar'}}]",
+            "data.val_shards=",
+            "data.num_workers=6",
+            f"train.micro_batch_size={micro}",
+            f"train.global_batch_size={micro * gpus * accumulation}",
+            f"train.max_steps={steps}",
+            "train.log_every_steps=1",
+            "train.save_every_steps=100000",
+            "train.eval_every_steps=0",
+            "logging.wandb_mode=disabled",
+            "logging.sample_every_steps=0",
+            "optim.warmup_steps=1",
+        ],
+        check=True,
+        cwd=ROOT,
+        env=env,
     )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = [r for r in records if "samples_per_s_per_gpu" in r and r["step"] > steps // 2]
@@ -116,14 +131,20 @@ def main():
     write_shards(work, shards=32, per_shard=400)
     import torch
 
-    rows = [run(work, g, args.micro_batch, args.accumulation, args.steps, args.attn, args.compile_layers)
-            for g in args.gpus]
+    rows = [
+        run(work, g, args.micro_batch, args.accumulation, args.steps, args.attn, args.compile_layers) for g in args.gpus
+    ]
     base = rows[0]["samples_per_s_per_gpu"]
     for row in rows:
         row["efficiency"] = row["samples_per_s_per_gpu"] / base
-    result = {"device": torch.cuda.get_device_name(), "micro_batch": args.micro_batch,
-              "accumulation": args.accumulation, "attn": args.attn,
-              "compile_layers": args.compile_layers, "rows": rows}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "micro_batch": args.micro_batch,
+        "accumulation": args.accumulation,
+        "attn": args.attn,
+        "compile_layers": args.compile_layers,
+        "rows": rows,
+    }
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

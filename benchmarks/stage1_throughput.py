@@ -106,21 +106,27 @@ def make_batches(steps: int, micro: int, vocab: int, eos: int, seed: int = 0) ->
         ids = torch.randint(0, vocab - 1000, (int(lengths.sum()),), generator=generator)
         ends = torch.cumsum(lengths, 0) - 1
         ids[ends] = eos
-        batches.append({
-            "keys": [f"{step}_{i}" for i in range(micro)],
-            "image_features": torch.randn(micro, PATCH_TOKENS, CLIP_VIT_L14["hidden_size"], generator=generator,
-                                          dtype=torch.float32).to(torch.bfloat16),
-            "caption_ids": ids,
-            "caption_lengths": lengths,
-        })
+        batches.append(
+            {
+                "keys": [f"{step}_{i}" for i in range(micro)],
+                "image_features": torch.randn(
+                    micro, PATCH_TOKENS, CLIP_VIT_L14["hidden_size"], generator=generator, dtype=torch.float32
+                ).to(torch.bfloat16),
+                "caption_ids": ids,
+                "caption_lengths": lengths,
+            }
+        )
     return batches
 
 
 def build_llm(attn: str, smoke: bool):
     from transformers import LlamaForCausalLM
 
-    shrink = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2) if smoke else {}
+    shrink = (
+        dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        if smoke
+        else {}
+    )
     config = llama3_8b_config(**shrink)
     config._attn_implementation = attn
     torch.manual_seed(0)
@@ -136,8 +142,9 @@ def useful_flops(n_body: int, n_head: int, n_res: int, batches: list[dict], late
     for batch in batches:
         samples = batch["caption_lengths"].numel()
         supervised = int(batch["caption_lengths"].sum())
-        total += step_flops(n_body, n_head, n_res, 0, supervised + samples * (1 + latents), supervised, samples,
-                            latents, 0)
+        total += step_flops(
+            n_body, n_head, n_res, 0, supervised + samples * (1 + latents), supervised, samples, latents, 0
+        )
     return total
 
 
@@ -172,7 +179,7 @@ def baseline_step(llm, resampler, bos, pad):
         mask = torch.zeros_like(input_ids)
         mask[:, : seq.attention_mask.shape[1]] = seq.attention_mask
         embeds = embed(input_ids)
-        embeds = torch.cat([embeds[:, :1], prefix.to(embeds.dtype), embeds[:, 1 + prefix.shape[1]:]], dim=1)
+        embeds = torch.cat([embeds[:, :1], prefix.to(embeds.dtype), embeds[:, 1 + prefix.shape[1] :]], dim=1)
         return llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
 
     return step
@@ -200,8 +207,10 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, accumulation: int, varia
 
     def step(micro_batches):
         if text_on_device:
-            micro_batches = [{k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-                             for b in micro_batches]
+            micro_batches = [
+                {k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+                for b in micro_batches
+            ]
         totals = trainer.train_step(micro_batches)
         trainer.agreed_stop_signal()
         return totals[0] / totals[1]
@@ -211,8 +220,12 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, accumulation: int, varia
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", default=["baseline@64", "pipeline+varlen+compile@128"],
-                        help="VARIANT@MICRO[xACCUMULATION], e.g. baseline@64 pipeline+varlen+compile@128x2")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["baseline@64", "pipeline+varlen+compile@128"],
+        help="VARIANT@MICRO[xACCUMULATION], e.g. baseline@64 pipeline+varlen+compile@128x2",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--attn", default="sdpa", help="attention of the baseline and of plain `pipeline`")
@@ -247,8 +260,8 @@ def main():
         batches = make_batches(steps * acc, micro, llm.config.vocab_size, eos)
         if DEVICE.type == "cuda":
             batches = [pinned(batch) for batch in batches]
-        timed = batches[args.warmup * acc: (args.warmup + args.steps) * acc]
-        step_inputs = [batches[i * acc: (i + 1) * acc] for i in range(steps)]
+        timed = batches[args.warmup * acc : (args.warmup + args.steps) * acc]
+        step_inputs = [batches[i * acc : (i + 1) * acc] for i in range(steps)]
         results["mean_caption_tokens"] = float(torch.cat([b["caption_lengths"] for b in timed]).float().mean())
         torch.manual_seed(0)
         resampler = build_resampler(RunConfig().model, CLIP_VIT_L14["hidden_size"], llm.config.hidden_size).to(DEVICE)
@@ -262,8 +275,15 @@ def main():
                 step = baseline_step(llm, resampler.to(torch.bfloat16), bos, pad)
             else:
                 step = pipeline_step(llm, resampler, bos, eos, pad, micro, acc, variant)
-            run = measure(step, step_inputs, args.warmup, args.steps, DEVICE, profile=args.profile,
-                          trace=trace_path(args.trace, name))
+            run = measure(
+                step,
+                step_inputs,
+                args.warmup,
+                args.steps,
+                DEVICE,
+                profile=args.profile,
+                trace=trace_path(args.trace, name),
+            )
         except Exception as exc:  # noqa: BLE001 - record the failure and go on to the next run
             results["variants"][name] = error_row(exc)
             print(name, results["variants"][name]["error"], flush=True)
@@ -281,8 +301,11 @@ def main():
             **{key: run[key] for key in ("profile", "idle") if key in run},
         }
         record(results, name, row, args.out)
-    baselines = [row["samples_per_s"] for key, row in results["variants"].items()
-                 if key.startswith("baseline@") and "error" not in row]
+    baselines = [
+        row["samples_per_s"]
+        for key, row in results["variants"].items()
+        if key.startswith("baseline@") and "error" not in row
+    ]
     if baselines:
         for row in results["variants"].values():
             if "error" not in row:

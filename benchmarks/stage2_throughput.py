@@ -111,15 +111,18 @@ def make_batches(steps: int, micro: int, vocab: int, seed: int = 0) -> list[dict
     for step in range(steps):
         lengths = text_lengths(micro, seed * 1000 + step)
         texts = [conversation(int(n), generator, vocab) for n in lengths]
-        batches.append({
-            "keys": [f"{step}_{i}" for i in range(micro)],
-            "image_features": torch.randn(micro, PATCH_TOKENS, CLIP_VIT_L14["hidden_size"], generator=generator,
-                                          dtype=torch.float32).to(torch.bfloat16),
-            "text_ids": torch.cat([ids for ids, _ in texts]),
-            "text_labels": torch.cat([labels for _, labels in texts]),
-            "text_lengths": lengths,
-            "image_offsets": torch.full((micro,), IMAGE_OFFSET),
-        })
+        batches.append(
+            {
+                "keys": [f"{step}_{i}" for i in range(micro)],
+                "image_features": torch.randn(
+                    micro, PATCH_TOKENS, CLIP_VIT_L14["hidden_size"], generator=generator, dtype=torch.float32
+                ).to(torch.bfloat16),
+                "text_ids": torch.cat([ids for ids, _ in texts]),
+                "text_labels": torch.cat([labels for _, labels in texts]),
+                "text_lengths": lengths,
+                "image_offsets": torch.full((micro,), IMAGE_OFFSET),
+            }
+        )
     return batches
 
 
@@ -132,10 +135,17 @@ def quantize_nf4(llm) -> None:
             for name, linear in list(parent.named_children()):
                 if not isinstance(linear, torch.nn.Linear):
                     continue
-                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
-                                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-                quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
-                                                     quant_type="nf4")
+                quantized = bnb.nn.Linear4bit(
+                    linear.in_features,
+                    linear.out_features,
+                    bias=False,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                quantized.weight = bnb.nn.Params4bit(
+                    linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+                )
                 setattr(parent, name, quantized.to(DEVICE))
 
 
@@ -144,8 +154,11 @@ def build_model(quantized: bool, attn: str, smoke: bool) -> AnyMAL:
 
     from pipeline.config import LoRAConfig
 
-    shrink = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2) if smoke else {}
+    shrink = (
+        dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        if smoke
+        else {}
+    )
     config = llama3_8b_config(**shrink)
     config._attn_implementation = attn
     torch.manual_seed(0)
@@ -173,10 +186,20 @@ def baseline_step(model: AnyMAL):
         batch = to_device(batch)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             prefix = model.resampler(batch["image_features"])
-            layout = pad_samples(batch["text_ids"], batch["text_labels"], batch["text_lengths"],
-                                 batch["image_offsets"], prefix.shape[1], PAD)
-            loss = model.llm(inputs_embeds=model.embed(layout, prefix), attention_mask=layout.attention_mask,
-                             labels=layout.labels, use_cache=False).loss
+            layout = pad_samples(
+                batch["text_ids"],
+                batch["text_labels"],
+                batch["text_lengths"],
+                batch["image_offsets"],
+                prefix.shape[1],
+                PAD,
+            )
+            loss = model.llm(
+                inputs_embeds=model.embed(layout, prefix),
+                attention_mask=layout.attention_mask,
+                labels=layout.labels,
+                use_cache=False,
+            ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -229,16 +252,22 @@ def useful_flops(model: AnyMAL, batches: list[dict]) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+",
-                        default=["baseline@4", "pipeline+varlen@16", "qlora-baseline@4", "qlora-pipeline+varlen@16"],
-                        help="VARIANT@MICRO_BATCH")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["baseline@4", "pipeline+varlen@16", "qlora-baseline@4", "qlora-pipeline+varlen@16"],
+        help="VARIANT@MICRO_BATCH",
+    )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--attn", default="sdpa", help="attention of the baseline and of plain `pipeline`")
     parser.add_argument("--profile", action="store_true", help="kernel time by category, 2 extra steps per run")
     parser.add_argument("--trace", default="", help="directory for host+device traces (2 extra steps per run)")
-    parser.add_argument("--warm-pass", action="store_true",
-                        help="run the timed batches once untimed first (steady-state per-shape costs)")
+    parser.add_argument(
+        "--warm-pass",
+        action="store_true",
+        help="run the timed batches once untimed first (steady-state per-shape costs)",
+    )
     parser.add_argument("--out", default="")
     parser.add_argument("--smoke", action="store_true", help="a tiny LLaMA on the CPU: checks the script, no numbers")
     args = parser.parse_args()
@@ -256,13 +285,21 @@ def main():
 
     device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (smoke test)"
     peak = peak_tflops() or 989.0
-    results = {"device": device_name, "timed_steps": args.steps, "torch": torch.__version__,
-               "lora": "r64 alpha16 dropout0.05", "warm_pass": args.warm_pass, "variants": {}}
+    results = {
+        "device": device_name,
+        "timed_steps": args.steps,
+        "torch": torch.__version__,
+        "lora": "r64 alpha16 dropout0.05",
+        "warm_pass": args.warm_pass,
+        "variants": {},
+    }
     for quantized in (False, True):
         # Baselines first: once a DeepSpeed engine has hooked the adapters, a plain backward would trigger its
         # gradient reductions. The pipeline runs of a model share one trainer, as they share its parameters.
-        kind_runs = sorted([(v, m) for v, m in runs if v.startswith("qlora-") == quantized],
-                           key=lambda run: not run[0].endswith("baseline"))
+        kind_runs = sorted(
+            [(v, m) for v, m in runs if v.startswith("qlora-") == quantized],
+            key=lambda run: not run[0].endswith("baseline"),
+        )
         if not kind_runs:
             continue
         model = build_model(quantized, args.attn, args.smoke)
@@ -274,7 +311,7 @@ def main():
             batches = make_batches(args.steps + args.warmup + extra, micro, model.llm.config.vocab_size)
             if DEVICE.type == "cuda":
                 batches = [pinned(batch) for batch in batches]
-            timed = batches[args.warmup: args.warmup + args.steps]
+            timed = batches[args.warmup : args.warmup + args.steps]
             lengths = torch.cat([b["text_lengths"] for b in timed])
             results["mean_text_tokens"] = float(lengths.float().mean())
             with torch.no_grad():  # every run starts from the same adapters and resampler
@@ -292,8 +329,16 @@ def main():
                     model.prune_last_layer = "+full" not in variant
                     trainer_step = trainer_step or pipeline_step(model, micro, variant)
                     step = trainer_step
-                run = measure(step, batches, args.warmup, args.steps, DEVICE, profile=args.profile,
-                              trace=trace_path(args.trace, name), warm_pass=args.warm_pass)
+                run = measure(
+                    step,
+                    batches,
+                    args.warmup,
+                    args.steps,
+                    DEVICE,
+                    profile=args.profile,
+                    trace=trace_path(args.trace, name),
+                    warm_pass=args.warm_pass,
+                )
             except Exception as exc:  # noqa: BLE001 - record the failure and go on to the next run
                 results["variants"][name] = error_row(exc)
                 print(name, results["variants"][name]["error"], flush=True)
@@ -315,14 +360,16 @@ def main():
         del model, initial, trainer_step
         free_memory(DEVICE)
     for prefix in ("", "qlora-"):
-        baselines = [row["tokens_per_s_per_gpu"] for key, row in results["variants"].items()
-                     if key.startswith(prefix + "baseline@") and "error" not in row]
+        baselines = [
+            row["tokens_per_s_per_gpu"]
+            for key, row in results["variants"].items()
+            if key.startswith(prefix + "baseline@") and "error" not in row
+        ]
         for key, row in results["variants"].items():
             if baselines and key.startswith(prefix + "pipeline") and "error" not in row:
                 row["speedup_vs_best_baseline"] = row["tokens_per_s_per_gpu"] / max(baselines)
     save(results, args.out)
-    print_table(results, ["tokens_per_s_per_gpu", "speedup_vs_best_baseline", "mfu", "peak_mem_gb",
-                          "first_step_loss"])
+    print_table(results, ["tokens_per_s_per_gpu", "speedup_vs_best_baseline", "mfu", "peak_mem_gb", "first_step_loss"])
 
 
 if __name__ == "__main__":

@@ -42,17 +42,20 @@ def _label(frames: list[str]) -> str:
 
 def idle_gaps(events: list[dict], min_gap_us: float = 20.0, top: int = 15) -> dict:
     """Summary of the device's idle time: total, by launching host code, and the longest gaps."""
-    device = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES),
-                    key=lambda e: e["ts"])
+    device = sorted(
+        (e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES), key=lambda e: e["ts"]
+    )
     if not device:
         return {"error": "no device events in the trace"}
     runtime = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cuda_runtime"]
     launch_of = {e.get("args", {}).get("correlation"): e for e in runtime}
-    blocking = sorted((e for e in runtime if any(call in e["name"] + "\0" for call in BLOCKING_CALLS)),
-                      key=lambda e: e["ts"])
+    blocking = sorted(
+        (e for e in runtime if any(call in e["name"] + "\0" for call in BLOCKING_CALLS)), key=lambda e: e["ts"]
+    )
     stacks: dict = {}
-    for event in sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "python_function"),
-                        key=lambda e: e["ts"]):
+    for event in sorted(
+        (e for e in events if e.get("ph") == "X" and e.get("cat") == "python_function"), key=lambda e: e["ts"]
+    ):
         starts, listed = stacks.setdefault(event["tid"], ([], []))
         starts.append(event["ts"])
         listed.append(event)
@@ -79,8 +82,9 @@ def idle_gaps(events: list[dict], min_gap_us: float = 20.0, top: int = 15) -> di
         "span_ms": span / 1e3,
         "idle_ms": idle / 1e3,
         "gaps": len(rows),
-        "by_launching_code_ms": {k: round(v[0] / 1e3, 3) for k, v in
-                                 sorted(by_label.items(), key=lambda kv: -kv[1][0])[:top]},
+        "by_launching_code_ms": {
+            k: round(v[0] / 1e3, 3) for k, v in sorted(by_label.items(), key=lambda kv: -kv[1][0])[:top]
+        },
         "longest": [{"us": round(length, 1), "launched_by": label, "next": name} for length, label, name in rows[:top]],
     }
 

@@ -52,8 +52,13 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, manifest = load_instruct(args.model, device, quantization=args.quantization)
     system_prompt = manifest["system_prompt"] if args.system_prompt is None else args.system_prompt
-    answerer = InstructAnswerer(model, tokenizer, CLIPImageProcessor.from_pretrained(manifest["vision_model"]),
-                                args.max_new_tokens, system_prompt)
+    answerer = InstructAnswerer(
+        model,
+        tokenizer,
+        CLIPImageProcessor.from_pretrained(manifest["vision_model"]),
+        args.max_new_tokens,
+        system_prompt,
+    )
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     turns: list[dict] = []
     interactive = args.question is None

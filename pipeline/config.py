@@ -358,8 +358,11 @@ def gradient_accumulation_steps(config: RunConfig, world_size: int) -> int:
     per_step = train.micro_batch_size * world_size
     if train.global_batch_size % per_step:
         fits = [m for m in range(train.micro_batch_size, 0, -1) if train.global_batch_size % (m * world_size) == 0]
-        advice = (f"e.g. train.micro_batch_size={fits[0]} (accumulation "
-                  f"{train.global_batch_size // (fits[0] * world_size)})" if fits else "change the global batch size")
+        advice = (
+            f"e.g. train.micro_batch_size={fits[0]} (accumulation {train.global_batch_size // (fits[0] * world_size)})"
+            if fits
+            else "change the global batch size"
+        )
         raise ConfigError(
             f"train.global_batch_size={train.global_batch_size} is not divisible by "
             f"micro_batch_size ({train.micro_batch_size}) x world size ({world_size}) = {per_step}; {advice}"

@@ -33,9 +33,24 @@ def download_shards(world_dir: Path, shard_root: Path, split: str, base_url: str
     parquet = write_url_parquet(world_dir, split, base_url, world_dir / f"{split}_urls.parquet")
     out = shard_root / split
     subprocess.run(
-        ["bash", str(ROOT / "data_prep/img2dataset.sh"), "--input", str(parquet), "--output", str(out),
-         "--image-size", "64", "--processes", "2", "--threads", "8", "--shard-size", str(shard_size)],
-        check=True, stdout=subprocess.DEVNULL,
+        [
+            "bash",
+            str(ROOT / "data_prep/img2dataset.sh"),
+            "--input",
+            str(parquet),
+            "--output",
+            str(out),
+            "--image-size",
+            "64",
+            "--processes",
+            "2",
+            "--threads",
+            "8",
+            "--shard-size",
+            str(shard_size),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     return out
 
@@ -44,18 +59,40 @@ def launch_env() -> dict:
     """Two CPU ranks, offline, on a free rendezvous port (another job on this machine may hold the default)."""
     from pipeline.training.distributed import free_port
 
-    return {**os.environ, "NPROC": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "MASTER_PORT": str(free_port())}
+    return {
+        **os.environ,
+        "NPROC": "2",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MASTER_PORT": str(free_port()),
+    }
 
 
 def cache_features(shard_root: Path, split: str, models: dict) -> Path:
     """The feature-cache job on one split's image shards, with the training config's tower and layer."""
     out = shard_root / "features" / split
     subprocess.run(
-        [sys.executable, "-m", "pipeline.data.feature_cache", "run", "--config", "configs/toy.yaml",
-         "--shards", f"{shard_root}/{split}/*.tar", "--out", str(out), "--num-workers", "2", "--batch-size", "64",
-         "--no-progress", f"model.vision.model={models['clip']}"],
-        check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "pipeline.data.feature_cache",
+            "run",
+            "--config",
+            "configs/toy.yaml",
+            "--shards",
+            f"{shard_root}/{split}/*.tar",
+            "--out",
+            str(out),
+            "--num-workers",
+            "2",
+            "--batch-size",
+            "64",
+            "--no-progress",
+            f"model.vision.model={models['clip']}",
+        ],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     return out
 
@@ -64,12 +101,21 @@ def train_stage1(run_dir: Path, models: dict, shard_root: Path, overrides: list[
     """Stage 1 from cached features: the vision tower is not loaded; sample captions still come from images."""
     env = launch_env()
     subprocess.run(
-        [str(ROOT / "launch/stage1_local.sh"), "configs/toy.yaml", f"run_dir={run_dir}",
-         f"model.vision.model={models['clip']}", f"model.llm.model={models['llm']}", "data.input=features",
-         f"data.sources=[{{shards: '{shard_root}/features/train/*.tar'}}]",
-         f"data.val_shards={shard_root}/features/val/*.tar", f"logging.sample_shards={shard_root}/val/*.tar",
-         *overrides],
-        check=True, cwd=ROOT, env=env,
+        [
+            str(ROOT / "launch/stage1_local.sh"),
+            "configs/toy.yaml",
+            f"run_dir={run_dir}",
+            f"model.vision.model={models['clip']}",
+            f"model.llm.model={models['llm']}",
+            "data.input=features",
+            f"data.sources=[{{shards: '{shard_root}/features/train/*.tar'}}]",
+            f"data.val_shards={shard_root}/features/val/*.tar",
+            f"logging.sample_shards={shard_root}/val/*.tar",
+            *overrides,
+        ],
+        check=True,
+        cwd=ROOT,
+        env=env,
     )
 
 
@@ -87,12 +133,20 @@ def prepare_stage2_data(world_dir: Path, shard_root: Path, out: Path) -> dict:
 def train_stage2(run_dir: Path, models: dict, shard_root: Path, stage1_dir: Path, overrides: list[str]) -> None:
     env = launch_env()
     subprocess.run(
-        [str(ROOT / "launch/stage2_local.sh"), "configs/toy_stage2.yaml", f"run_dir={run_dir}",
-         f"model.vision.model={models['clip']}", f"model.llm.model={models['llm']}",
-         f"model.stage1_resampler={stage1_dir}",
-         f"data.sources=[{{shards: '{shard_root}/instruct_train/*.tar'}}]",
-         f"data.val_shards={shard_root}/instruct_val/*.tar", *overrides],
-        check=True, cwd=ROOT, env=env,
+        [
+            str(ROOT / "launch/stage2_local.sh"),
+            "configs/toy_stage2.yaml",
+            f"run_dir={run_dir}",
+            f"model.vision.model={models['clip']}",
+            f"model.llm.model={models['llm']}",
+            f"model.stage1_resampler={stage1_dir}",
+            f"data.sources=[{{shards: '{shard_root}/instruct_train/*.tar'}}]",
+            f"data.val_shards={shard_root}/instruct_val/*.tar",
+            *overrides,
+        ],
+        check=True,
+        cwd=ROOT,
+        env=env,
     )
 
 
@@ -105,8 +159,13 @@ def evaluate_stage2(run_dir: Path, vqa: dict) -> dict:
     from pipeline.evaluation.runner import InstructAnswerer
 
     model, tokenizer, manifest = load_instruct(run_dir)
-    answerer = InstructAnswerer(model, tokenizer, CLIPImageProcessor.from_pretrained(manifest["vision_model"]),
-                                max_new_tokens=8, system_prompt=manifest["system_prompt"])
+    answerer = InstructAnswerer(
+        model,
+        tokenizer,
+        CLIPImageProcessor.from_pretrained(manifest["vision_model"]),
+        max_new_tokens=8,
+        system_prompt=manifest["system_prompt"],
+    )
     benchmark = read_vqa_benchmark(vqa["images"], vqa["questions"], vqa["annotations"], vqa["image_pattern"])
     return evaluate_vqa(benchmark, answerer, run_dir / "eval" / "vqa", batch_size=64)
 
@@ -131,8 +190,13 @@ def main(argv=None) -> int:
     # tells the shape's colour from the background's more slowly).
     parser.add_argument("--lm-steps", type=int, default=250, help="pretraining steps of the tiny LM")
     parser.add_argument("overrides", nargs="*", help="stage-1 config overrides, e.g. train.max_steps=100")
-    parser.add_argument("--stage2", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="stage-2 config overrides, e.g. --stage2 train.max_steps=100")
+    parser.add_argument(
+        "--stage2",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="stage-2 config overrides, e.g. --stage2 train.max_steps=100",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s demo: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -199,11 +263,14 @@ def main(argv=None) -> int:
     summary = {
         "stage1": {**scores, "input": "features", "run_dir": str(run_dir)},
         # Fractions; the harness's metrics.json reports percent, as the official VQA script does.
-        "stage2": {"vqa_accuracy": vqa_scores["accuracy"] / 100, "n": vqa_scores["n"],
-                   "per_question_type": {k: v / 100 for k, v in vqa_scores["per_question_type"].items()},
-                   "per_answer_type": {k: v / 100 for k, v in vqa_scores["per_answer_type"].items()},
-                   "held_out": "val images, question phrasings not in the training conversations",
-                   "run_dir": str(stage2_dir)},
+        "stage2": {
+            "vqa_accuracy": vqa_scores["accuracy"] / 100,
+            "n": vqa_scores["n"],
+            "per_question_type": {k: v / 100 for k, v in vqa_scores["per_question_type"].items()},
+            "per_answer_type": {k: v / 100 for k, v in vqa_scores["per_answer_type"].items()},
+            "held_out": "val images, question phrasings not in the training conversations",
+            "run_dir": str(stage2_dir),
+        },
         "lm_pretraining": models["lm_stats"],
         "timings": timings,
     }

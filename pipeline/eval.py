@@ -181,15 +181,21 @@ def evaluate_instruct(args, benchmark, device) -> dict | None:
     from pipeline.evaluation.runner import InstructAnswerer
 
     model, tokenizer, manifest = load_instruct(args.run, device)
-    answerer = InstructAnswerer(model, tokenizer, CLIPImageProcessor.from_pretrained(manifest["vision_model"]),
-                                args.max_new_tokens, manifest["system_prompt"])
+    answerer = InstructAnswerer(
+        model,
+        tokenizer,
+        CLIPImageProcessor.from_pretrained(manifest["vision_model"]),
+        args.max_new_tokens,
+        manifest["system_prompt"],
+    )
     export_dir = find_instruct_export(args.run)
     fingerprint = run_fingerprint(args, export_dir, manifest["llm_model"], manifest["vision_model"])
     options = {"batch_size": args.batch_size, "part_size": args.part_size, "fingerprint": fingerprint}
     if args.task == "vqa":
         return benchmarks.evaluate_vqa(benchmark, answerer, args.out, **options)
-    return benchmarks.evaluate_captions(benchmark, answerer, args.out, metrics=tuple(args.metrics.split(",")),
-                                        **options)
+    return benchmarks.evaluate_captions(
+        benchmark, answerer, args.out, metrics=tuple(args.metrics.split(",")), **options
+    )
 
 
 def main(argv=None) -> int:

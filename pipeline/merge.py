@@ -33,8 +33,13 @@ def merge(path: str | Path, out_dir: str | Path) -> Path:
     tokenizer.save_pretrained(out_dir)
     for name in ("resampler.safetensors", "resampler.json"):
         shutil.copy2(export_dir / name, out_dir / name)
-    merged_manifest = {**manifest, "merged": True, "adapter": None, "base_llm_model": manifest["llm_model"],
-                       "llm_model": "."}
+    merged_manifest = {
+        **manifest,
+        "merged": True,
+        "adapter": None,
+        "base_llm_model": manifest["llm_model"],
+        "llm_model": ".",
+    }
     (out_dir / MANIFEST).write_text(json.dumps(merged_manifest, indent=2) + "\n")
     return out_dir
 

@@ -118,7 +118,11 @@ def run(config: RunConfig) -> str:
     tokenizer = AutoTokenizer.from_pretrained(config.model.llm.model)
     stage = build_stage(config, tokenizer, device)
     trainer = Trainer(
-        config, stage, lambda state: build_train_loader(config, dist_env, state), dist_env, device,
+        config,
+        stage,
+        lambda state: build_train_loader(config, dist_env, state),
+        dist_env,
+        device,
         val_batches=build_val_batches(config, dist_env),
     )
     trainer.maybe_resume()
@@ -130,9 +134,15 @@ def run(config: RunConfig) -> str:
 
         samples = SampleLogger(config, stage.model, run_dir, metrics, tokenizer)
         sample_round = samples.log_round if samples.enabled else None
-    log.info("%s to step %d: global batch %d = micro %d x %d ranks x %d accumulation", stage.name,
-             config.train.max_steps, config.train.global_batch_size, config.train.micro_batch_size,
-             dist_env.world_size, trainer.accumulation)
+    log.info(
+        "%s to step %d: global batch %d = micro %d x %d ranks x %d accumulation",
+        stage.name,
+        config.train.max_steps,
+        config.train.global_batch_size,
+        config.train.micro_batch_size,
+        dist_env.world_size,
+        trainer.accumulation,
+    )
     reason = trainer.fit(metrics, sample_round)
     # The batch script may re-send the stop warning while this process exports and exits.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

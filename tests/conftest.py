@@ -24,12 +24,21 @@ def build_tiny_models(out_dir: Path) -> Path:
     build_tiny_clip(out_dir / "clip", seed=0)
     tokenizer = build_tokenizer(out_dir / "llm", toy_vocabulary())
     torch.manual_seed(0)
-    llm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     llm.save_pretrained(out_dir / "llm")
     return out_dir
 
@@ -59,8 +68,11 @@ def write_caption_shards(out_dir: Path, n_shards: int, per_shard: int, seed: int
                 attrs = sample_attributes(rng)
                 image = io.BytesIO()
                 render_image(attrs, rng).save(image, "JPEG", quality=90)
-                members = {"jpg": image.getvalue(), "txt": caption_for(attrs).encode(),
-                           "json": json.dumps({"key": key, "attrs": attrs}).encode()}
+                members = {
+                    "jpg": image.getvalue(),
+                    "txt": caption_for(attrs).encode(),
+                    "json": json.dumps({"key": key, "attrs": attrs}).encode(),
+                }
                 for ext, payload in members.items():
                     add_member(tar, f"{key}.{ext}", payload)
         paths.append(path)
@@ -70,11 +82,22 @@ def write_caption_shards(out_dir: Path, n_shards: int, per_shard: int, seed: int
 def three_step_overrides(run_dir: Path, models: Path, shards: Path, *extra: str, global_batch: int = 4) -> list[str]:
     """Config overrides for a 3-step single-process toy stage-1 run on `shards` (micro batch 4, no eval, no wandb)."""
     return [
-        f"run_dir={run_dir}", f"model.vision.model={models}/clip", f"model.llm.model={models}/llm",
-        f"data.sources=[{{shards: '{shards}/*.tar'}}]", "data.val_shards=", "data.num_workers=1",
-        "data.shuffle_buffer=10", "train.micro_batch_size=4", f"train.global_batch_size={global_batch}",
-        "train.max_steps=3", "train.log_every_steps=1", "train.save_every_steps=100", "train.eval_every_steps=0",
-        "logging.wandb_mode=disabled", "optim.warmup_steps=1", *extra,
+        f"run_dir={run_dir}",
+        f"model.vision.model={models}/clip",
+        f"model.llm.model={models}/llm",
+        f"data.sources=[{{shards: '{shards}/*.tar'}}]",
+        "data.val_shards=",
+        "data.num_workers=1",
+        "data.shuffle_buffer=10",
+        "train.micro_batch_size=4",
+        f"train.global_batch_size={global_batch}",
+        "train.max_steps=3",
+        "train.log_every_steps=1",
+        "train.save_every_steps=100",
+        "train.eval_every_steps=0",
+        "logging.wandb_mode=disabled",
+        "optim.warmup_steps=1",
+        *extra,
     ]
 
 

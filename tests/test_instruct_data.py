@@ -39,19 +39,34 @@ def test_converter_reports_and_counts_bad_records(tmp_path, toy_world):
     source = tmp_path / "llava.json"
     source.write_text(json.dumps(records))
     stats = convert(source, toy_world, tmp_path / "shards", shard_size=2, workers=2)
-    assert stats == {"records": 9, "written": 3, "shards": 2,
-                     "skipped": {"missing_image": 1, "unreadable_image": 2, "no_image": 1, "bad_record": 2}}
+    assert stats == {
+        "records": 9,
+        "written": 3,
+        "shards": 2,
+        "skipped": {"missing_image": 1, "unreadable_image": 2, "no_image": 1, "bad_record": 2},
+    }
     assert json.loads((tmp_path / "shards" / "stats.json").read_text()) == stats
     skipped = [json.loads(line) for line in (tmp_path / "shards" / "skipped.jsonl").read_text().splitlines()]
     assert [(s["index"], s["reason"]) for s in skipped] == [
-        (1, "missing_image"), (2, "unreadable_image"), (3, "unreadable_image"), (4, "no_image"), (5, "bad_record"),
-        (6, "bad_record")]
-    samples = [sample for shard in ("00000.tar", "00001.tar") for sample in iter_shard_records(
-        str(tmp_path / "shards" / shard))]
+        (1, "missing_image"),
+        (2, "unreadable_image"),
+        (3, "unreadable_image"),
+        (4, "no_image"),
+        (5, "bad_record"),
+        (6, "bad_record"),
+    ]
+    samples = [
+        sample
+        for shard in ("00000.tar", "00001.tar")
+        for sample in iter_shard_records(str(tmp_path / "shards" / shard))
+    ]
     assert [key for key, _ in samples] == ["000000000", "000000007", "000000008"]
     key, members = samples[0]
     assert members["jpg"] == good and json.loads(members["json"]) == {
-        "id": "a.1/x", "image": "images/train/000000.jpg", "conversations": turns}
+        "id": "a.1/x",
+        "image": "images/train/000000.jpg",
+        "conversations": turns,
+    }
     assert not list((tmp_path / "shards").glob("*.tmp"))
 
 

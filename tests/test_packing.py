@@ -40,16 +40,22 @@ def test_packed_equals_padded_loss_and_gradients(tiny_models, attn, prune, monke
     generator = torch.Generator().manual_seed(1)
     lengths = torch.tensor([3, 9, 1, 6, 12])
     ids = torch.randint(0, 40, (int(lengths.sum()),), generator=generator)
-    batch = {"pixel_values": torch.randn(5, 3, 64, 64, generator=generator), "caption_ids": ids,
-             "caption_lengths": lengths}
+    batch = {
+        "pixel_values": torch.randn(5, 3, 64, 64, generator=generator),
+        "caption_ids": ids,
+        "caption_lengths": lengths,
+    }
     results = {}
     for packing in (False, True):
         model.packing = packing
         model.resampler.zero_grad()
         loss, tokens = model.caption_loss(batch)
         loss.backward()
-        results[packing] = (loss.item(), tokens.item(),
-                            {n: p.grad.clone() for n, p in model.resampler.named_parameters()})
+        results[packing] = (
+            loss.item(),
+            tokens.item(),
+            {n: p.grad.clone() for n, p in model.resampler.named_parameters()},
+        )
     assert len(pruned_calls) == (1 if prune else 0)
     padded_loss, padded_tokens, padded_grads = results[False]
     packed_loss, packed_tokens, packed_grads = results[True]
@@ -111,7 +117,10 @@ def test_varlen_refuses_a_sample_longer_than_the_bound(tiny_models):
     config.resampler.num_latents, config.resampler.depth = 4, 1
     config.max_caption_tokens = 3
     model = build_anymal(config, tokenizer)
-    batch = {"pixel_values": torch.randn(2, 3, 64, 64), "caption_ids": torch.arange(6), "caption_lengths":
-             torch.tensor([2, 4])}
+    batch = {
+        "pixel_values": torch.randn(2, 3, 64, 64),
+        "caption_ids": torch.arange(6),
+        "caption_lengths": torch.tensor([2, 4]),
+    }
     with pytest.raises(RuntimeError, match="longer than the configured maximum"):
         model.caption_loss(batch)

@@ -31,22 +31,39 @@ def run(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProc
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def train(run_dir: Path, models: Path, shards: Path, *extra: str, resume: bool = False):
     args = ["--resume", str(run_dir)] if resume else ["--config", "configs/toy_stage2.yaml", f"run_dir={run_dir}"]
-    overrides = [] if resume else [
-        f"model.vision.model={models}/clip", f"model.llm.model={models}/llm", "model.stage1_resampler=",
-        f"data.sources=[{{shards: '{shards}/*.tar'}}]", "data.val_shards=", "data.num_workers=2",
-        "data.shuffle_buffer=10", "train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=6",
-        "train.log_every_steps=1", "train.save_every_steps=100", "train.eval_every_steps=0",
-        "train.record_sample_keys=true", "logging.wandb_mode=disabled", "logging.sample_every_steps=0",
-        "optim.warmup_steps=2", "model.lora.r=8",
-    ]
+    overrides = (
+        []
+        if resume
+        else [
+            f"model.vision.model={models}/clip",
+            f"model.llm.model={models}/llm",
+            "model.stage1_resampler=",
+            f"data.sources=[{{shards: '{shards}/*.tar'}}]",
+            "data.val_shards=",
+            "data.num_workers=2",
+            "data.shuffle_buffer=10",
+            "train.micro_batch_size=4",
+            "train.global_batch_size=8",
+            "train.max_steps=6",
+            "train.log_every_steps=1",
+            "train.save_every_steps=100",
+            "train.eval_every_steps=0",
+            "train.record_sample_keys=true",
+            "logging.wandb_mode=disabled",
+            "logging.sample_every_steps=0",
+            "optim.warmup_steps=2",
+            "model.lora.r=8",
+        ]
+    )
     return run("pipeline.train_stage2", *args, *overrides, *extra)
 
 
@@ -60,8 +77,11 @@ def runs(tiny_models, conversations, tmp_path_factory) -> dict:
     straight, resumed = root / "straight", root / "resumed"
     train(straight, tiny_models, conversations["shards"])
     train(resumed, tiny_models, conversations["shards"], "train.stop_after_steps=3")
-    stopped = {"checkpoint": (resumed / "checkpoints" / "step_00000003" / "COMPLETE").is_file(),
-               "export": (resumed / "export").exists(), "finished": (resumed / "FINISHED").exists()}
+    stopped = {
+        "checkpoint": (resumed / "checkpoints" / "step_00000003" / "COMPLETE").is_file(),
+        "export": (resumed / "export").exists(),
+        "finished": (resumed / "FINISHED").exists(),
+    }
     train(resumed, tiny_models, conversations["shards"], "train.stop_after_steps=0", resume=True)
     return {"straight": straight, "resumed": resumed, "stopped": stopped}
 
@@ -82,8 +102,9 @@ def test_resumed_stage2_run_reproduces_the_uninterrupted_losses(runs):
         export = run_dir / "export"
         assert json.loads((export / "manifest.json").read_text())["step"] == 6
         assert (export / "adapter" / "adapter_model.safetensors").is_file()
-    adapters = [(run_dir / "export" / "adapter" / "adapter_model.safetensors").read_bytes() for run_dir in
-                (straight, resumed)]
+    adapters = [
+        (run_dir / "export" / "adapter" / "adapter_model.safetensors").read_bytes() for run_dir in (straight, resumed)
+    ]
     assert adapters[0] == adapters[1]
 
 
@@ -91,9 +112,26 @@ def test_resumed_stage2_run_reproduces_the_uninterrupted_losses(runs):
 def test_eval_entry_point_scores_toy_vqa_on_a_stage2_run(runs, conversations, tmp_path):
     vqa = conversations["vqa"]
     out = tmp_path / "vqa"
-    args = ["--run", str(runs["straight"]), "--task", "vqa", "--questions", str(vqa["questions"]),
-            "--annotations", str(vqa["annotations"]), "--images", str(vqa["images"]),
-            "--image-pattern", vqa["image_pattern"], "--out", str(out), "--batch-size", "5", "--max-new-tokens", "4"]
+    args = [
+        "--run",
+        str(runs["straight"]),
+        "--task",
+        "vqa",
+        "--questions",
+        str(vqa["questions"]),
+        "--annotations",
+        str(vqa["annotations"]),
+        "--images",
+        str(vqa["images"]),
+        "--image-pattern",
+        vqa["image_pattern"],
+        "--out",
+        str(out),
+        "--batch-size",
+        "5",
+        "--max-new-tokens",
+        "4",
+    ]
     run("pipeline.eval", *args)
     metrics = json.loads((out / "metrics.json").read_text())
     answers = read_jsonl(out / "answers.jsonl")
@@ -101,8 +139,17 @@ def test_eval_entry_point_scores_toy_vqa_on_a_stage2_run(runs, conversations, tm
     assert metrics["fingerprint"]["adapter_sha256"]
     assert metrics["accuracy"] == pytest.approx(100 * sum(a["accuracy"] for a in answers) / 16, abs=0.01)
     assert len(json.loads((out / "predictions.json").read_text())) == 16
-    assert "toy_caption" in run_error("pipeline.eval", "--run", str(runs["straight"]), "--task", "toy_caption",
-                                      "--shards", str(conversations["shards"] / "*.tar"), "--out", str(tmp_path / "c"))
+    assert "toy_caption" in run_error(
+        "pipeline.eval",
+        "--run",
+        str(runs["straight"]),
+        "--task",
+        "toy_caption",
+        "--shards",
+        str(conversations["shards"] / "*.tar"),
+        "--out",
+        str(tmp_path / "c"),
+    )
 
 
 def run_error(module: str, *args: str) -> str:

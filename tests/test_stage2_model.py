@@ -21,10 +21,18 @@ QUESTIONS = ["what colour is the shape ?", "how many shapes are there ? is it a 
 
 
 def stage2_config(tiny_models, *overrides):
-    return load_config("configs/toy_stage2.yaml", [
-        f"model.vision.model={tiny_models}/clip", f"model.llm.model={tiny_models}/llm", "model.stage1_resampler=",
-        "model.resampler.num_latents=4", "model.lora.r=4", "model.lora.dropout=0.0", *overrides,
-    ])
+    return load_config(
+        "configs/toy_stage2.yaml",
+        [
+            f"model.vision.model={tiny_models}/clip",
+            f"model.llm.model={tiny_models}/llm",
+            "model.stage1_resampler=",
+            "model.resampler.num_latents=4",
+            "model.lora.r=4",
+            "model.lora.dropout=0.0",
+            *overrides,
+        ],
+    )
 
 
 def stage2_model(config, seed: int = 0):
@@ -49,13 +57,22 @@ def images(count: int, seed: int = 0) -> list[Image.Image]:
 def conversation_batch(tokenizer, config, pixel_values) -> dict:
     samples = []
     for index, question in enumerate(QUESTIONS):
-        turns = [{"from": "human", "value": ("<image>\n" if index != 1 else "") + question},
-                 {"from": "gpt", "value": "red"}, {"from": "human", "value": "what shape is it ?"},
-                 {"from": "gpt", "value": "it is a star ."}][: 2 + 2 * (index % 2)]
+        turns = [
+            {"from": "human", "value": ("<image>\n" if index != 1 else "") + question},
+            {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "what shape is it ?"},
+            {"from": "gpt", "value": "it is a star ."},
+        ][: 2 + 2 * (index % 2)]
         encoded = encode_conversation(tokenizer, chat_messages(turns), config.model.resampler.num_latents, 64)
-        samples.append({"key": str(index), "pixel_values": pixel_values[index],
-                        "text_ids": torch.tensor(encoded.input_ids), "text_labels": torch.tensor(encoded.labels),
-                        "image_offset": encoded.image_offset})
+        samples.append(
+            {
+                "key": str(index),
+                "pixel_values": pixel_values[index],
+                "text_ids": torch.tensor(encoded.input_ids),
+                "text_labels": torch.tensor(encoded.labels),
+                "image_offset": encoded.image_offset,
+            }
+        )
     return collate_conversations(samples)
 
 
@@ -71,8 +88,11 @@ def test_packed_equals_padded_loss_and_gradients(tiny_models, attn):
         model.zero_grad()
         loss, tokens = model.conversation_loss(batch)
         loss.backward()
-        results[packing] = (loss.item(), tokens.item(),
-                            {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        results[packing] = (
+            loss.item(),
+            tokens.item(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+        )
     (padded_loss, padded_tokens, padded), (packed_loss, packed_tokens, packed) = results[False], results[True]
     assert padded_tokens == packed_tokens == int((batch["text_labels"] != IGNORE_INDEX).sum()) == 3 * 2 + 6
     assert abs(packed_loss - padded_loss) / padded_loss < 1e-5
@@ -112,8 +132,9 @@ def exported(tiny_models, tmp_path_factory):
 
     config = stage2_config(tiny_models)
     model, tokenizer = stage2_model(config, seed=3)
-    answerer = InstructAnswerer(model, tokenizer, CLIPImageProcessor.from_pretrained(tiny_models / "clip"),
-                                max_new_tokens=6)
+    answerer = InstructAnswerer(
+        model, tokenizer, CLIPImageProcessor.from_pretrained(tiny_models / "clip"), max_new_tokens=6
+    )
     pictures = images(3, seed=5)
     answers = answerer(pictures, QUESTIONS)
     out = tmp_path_factory.mktemp("stage2_export")
@@ -129,8 +150,9 @@ def test_generation_under_varlen_equals_sdpa(tiny_models):
     for attn in ("sdpa", "varlen"):
         config = stage2_config(tiny_models, f"model.llm.attn_implementation={attn}")
         model, tokenizer = stage2_model(config)
-        answerer = InstructAnswerer(model, tokenizer, CLIPImageProcessor.from_pretrained(tiny_models / "clip"),
-                                    max_new_tokens=6)
+        answerer = InstructAnswerer(
+            model, tokenizer, CLIPImageProcessor.from_pretrained(tiny_models / "clip"), max_new_tokens=6
+        )
         answers[attn] = answerer(images(3), QUESTIONS)
     assert answers["varlen"] == answers["sdpa"]
     assert any(answers["sdpa"])
@@ -138,8 +160,9 @@ def test_generation_under_varlen_equals_sdpa(tiny_models):
 
 def test_batched_generation_equals_one_by_one(exported):
     pictures = [Image.open(exported["dir"] / f"{i}.png").convert("RGB") for i in range(3)]
-    one_by_one = [exported["answerer"]([picture], [question])[0] for picture, question in zip(pictures, QUESTIONS,
-                                                                                            strict=True)]
+    one_by_one = [
+        exported["answerer"]([picture], [question])[0] for picture, question in zip(pictures, QUESTIONS, strict=True)
+    ]
     assert one_by_one == exported["answers"]
     assert all(answer for answer in one_by_one)
 
@@ -152,8 +175,19 @@ def test_chat_cli_answers_like_the_model_before_export(exported, capsys):
     assert (exported["dir"] / "export" / "adapter" / "adapter_config.json").is_file()
     for index, question in enumerate(QUESTIONS):
         capsys.readouterr()
-        code = chat.main([str(exported["dir"] / "export"), "--image", str(exported["dir"] / f"{index}.png"),
-                          "--question", question, "--max-new-tokens", "6", "--device", "cpu"])
+        code = chat.main(
+            [
+                str(exported["dir"] / "export"),
+                "--image",
+                str(exported["dir"] / f"{index}.png"),
+                "--question",
+                question,
+                "--max-new-tokens",
+                "6",
+                "--device",
+                "cpu",
+            ]
+        )
         assert code == 0
         assert capsys.readouterr().out.strip() == exported["answers"][index]
 
@@ -180,8 +214,9 @@ def test_stage1_resampler_loads_from_export_and_checkpoint(tiny_models, tmp_path
     from pipeline.model.anymal import build_resampler
     from pipeline.training.export import export_resampler, load_stage1_resampler
 
-    config = load_config("configs/toy.yaml", [f"model.vision.model={tiny_models}/clip",
-                                              f"model.llm.model={tiny_models}/llm"])
+    config = load_config(
+        "configs/toy.yaml", [f"model.vision.model={tiny_models}/clip", f"model.llm.model={tiny_models}/llm"]
+    )
     torch.manual_seed(1)
     resampler = build_resampler(config.model, 128, 64)
     run = tmp_path / "stage1"

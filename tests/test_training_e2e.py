@@ -47,18 +47,38 @@ def shards_with_bad_data(tmp_path_factory) -> Path:
 
 def train(run_dir: Path, models: Path, shards: Path, *extra: str, resume: bool = False):
     args = ["--resume", str(run_dir)] if resume else ["--config", "configs/toy.yaml", f"run_dir={run_dir}"]
-    overrides = [] if resume else [
-        f"model.vision.model={models}/clip", f"model.llm.model={models}/llm",
-        f"data.sources=[{{shards: '{shards}/*.tar'}}]", "data.val_shards=", "data.num_workers=2",
-        "data.shuffle_buffer=20", "train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=10",
-        "train.log_every_steps=1", "train.save_every_steps=100", "train.eval_every_steps=0",
-        "train.record_sample_keys=true", "logging.wandb_mode=disabled", "optim.warmup_steps=2",
-    ]
+    overrides = (
+        []
+        if resume
+        else [
+            f"model.vision.model={models}/clip",
+            f"model.llm.model={models}/llm",
+            f"data.sources=[{{shards: '{shards}/*.tar'}}]",
+            "data.val_shards=",
+            "data.num_workers=2",
+            "data.shuffle_buffer=20",
+            "train.micro_batch_size=4",
+            "train.global_batch_size=8",
+            "train.max_steps=10",
+            "train.log_every_steps=1",
+            "train.save_every_steps=100",
+            "train.eval_every_steps=0",
+            "train.record_sample_keys=true",
+            "logging.wandb_mode=disabled",
+            "optim.warmup_steps=2",
+        ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args, *overrides, *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", *args, *overrides, *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

@@ -30,18 +30,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_split(model_dir: Path, out: Path, world: int, micro: int, global_size: int = 16, steps: int = 2,
-              stage: int = 1) -> dict:
+def run_split(
+    model_dir: Path, out: Path, world: int, micro: int, global_size: int = 16, steps: int = 2, stage: int = 1
+) -> dict:
     port = str(free_port())
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), str(model_dir), str(out), str(micro), str(global_size), str(steps),
-             str(stage)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(WORKER),
+                    str(model_dir),
+                    str(out),
+                    str(micro),
+                    str(global_size),
+                    str(steps),
+                    str(stage),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for proc in procs:
         output, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, output[-3000:]

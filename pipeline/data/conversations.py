@@ -92,8 +92,10 @@ def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[in
         end = len(_render(tokenizer, messages[: index + 1]))
         if not text.startswith(_render(tokenizer, messages[: index + 1])) or start > end:
             # A property of the tokenizer, not of one sample: stop rather than skip every sample.
-            raise RuntimeError("the tokenizer's chat template does not render a conversation's turns as prefixes of "
-                               "it; stage 2 needs a template like LLaMA-3-Instruct's")
+            raise RuntimeError(
+                "the tokenizer's chat template does not render a conversation's turns as prefixes of "
+                "it; stage 2 needs a template like LLaMA-3-Instruct's"
+            )
         spans.append((start, end))
     return spans
 
@@ -113,8 +115,9 @@ def _take_placeholder(tokenizer, ids: list[int], *others: list) -> int:
     return positions[0]
 
 
-def encode_conversation(tokenizer, messages: list[dict], image_tokens: int, max_sequence_tokens: int
-                        ) -> EncodedConversation:
+def encode_conversation(
+    tokenizer, messages: list[dict], image_tokens: int, max_sequence_tokens: int
+) -> EncodedConversation:
     """Token ids, labels and image offset of `messages` (from `chat_messages`), cut to fit the budget.
 
     Raises `NothingToLearn` when nothing supervised is left after truncation.
@@ -155,8 +158,14 @@ class ConversationDecoder:
     Picklable and cheap to pickle: the tokenizer and image processor load lazily, once per process.
     """
 
-    def __init__(self, image_processor_path: str, tokenizer_path: str, image_tokens: int, max_sequence_tokens: int,
-                 system_prompt: str = ""):
+    def __init__(
+        self,
+        image_processor_path: str,
+        tokenizer_path: str,
+        image_tokens: int,
+        max_sequence_tokens: int,
+        system_prompt: str = "",
+    ):
         self.images = ImageDecoder(image_processor_path)
         self.tokenizer_path = tokenizer_path
         self.image_tokens, self.max_sequence_tokens = image_tokens, max_sequence_tokens
@@ -173,8 +182,10 @@ class ConversationDecoder:
 
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
             if tokenizer.chat_template is None:
-                raise ValueError(f"tokenizer '{self.tokenizer_path}' has no chat template; stage 2 needs an "
-                                 "instruction-tuned model's tokenizer (e.g. Meta-Llama-3-8B-Instruct)")
+                raise ValueError(
+                    f"tokenizer '{self.tokenizer_path}' has no chat template; stage 2 needs an "
+                    "instruction-tuned model's tokenizer (e.g. Meta-Llama-3-8B-Instruct)"
+                )
             if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
                 raise ValueError(f"tokenizer '{self.tokenizer_path}' lacks {IMAGE_PLACEHOLDER}, the image placeholder")
             self._tokenizer = tokenizer

@@ -14,8 +14,13 @@ def sample_codec(config: RunConfig):
         from pipeline.data.conversations import ConversationDecoder, collate_conversations
 
         model = config.model
-        decoder = ConversationDecoder(model.vision.model, model.llm.model, model.resampler.num_latents,
-                                      model.max_sequence_tokens, model.system_prompt)
+        decoder = ConversationDecoder(
+            model.vision.model,
+            model.llm.model,
+            model.resampler.num_latents,
+            model.max_sequence_tokens,
+            model.system_prompt,
+        )
         return decoder, collate_conversations
     return caption_decoder(config), collate_captions
 

@@ -44,8 +44,14 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 # Stage 2 adds bad_conversation (unreadable or malformed conversation JSON) and no_supervised_tokens (nothing of an
 # assistant turn left within the sequence budget).
-SKIP_REASONS = ("corrupt_image", "empty_caption", "missing_member", "bad_tar", "bad_conversation",
-                "no_supervised_tokens")
+SKIP_REASONS = (
+    "corrupt_image",
+    "empty_caption",
+    "missing_member",
+    "bad_tar",
+    "bad_conversation",
+    "no_supervised_tokens",
+)
 WARNING_INTERVAL_S = 10.0
 # That many skipped samples in a row means a systematic problem (wrong decoder for these shards, say), which
 # an endless stream would otherwise hide behind rate-limited warnings while yielding nothing.
@@ -450,7 +456,9 @@ class ShardLoader:
             # Everything in the stream pickles, so "forkserver" or "spawn" also work where fork is unwelcome.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             self._loader_options.update(
-                multiprocessing_context=multiprocessing_context, persistent_workers=True, prefetch_factor=2,
+                multiprocessing_context=multiprocessing_context,
+                persistent_workers=True,
+                prefetch_factor=2,
                 worker_init_fn=leave_stop_signals_to_the_trainer,
             )
         self._dataloader: DataLoader | None = None
@@ -512,8 +520,9 @@ class ShardLoader:
         # A generator of its own: by default a DataLoader draws its workers' base seed from the global torch RNG when
         # iteration starts, which would shift the training process's random stream (LoRA dropout) on every resume.
         generator = torch.Generator().manual_seed(self._stream.seed)
-        self._dataloader = DataLoader(self._stream, batch_size=None, collate_fn=keep_batch, generator=generator,
-                                      **self._loader_options)
+        self._dataloader = DataLoader(
+            self._stream, batch_size=None, collate_fn=keep_batch, generator=generator, **self._loader_options
+        )
         self._iterator = iter(self._dataloader)
 
     def state_dict(self) -> dict:

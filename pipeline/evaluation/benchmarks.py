@@ -144,12 +144,26 @@ def _read_textvqa(records: list[dict], images_dir: Path, pattern: str) -> VQABen
 
 
 def _read_vizwiz(records: list[dict], images_dir: Path, pattern: str) -> VQABenchmark:
-    return _read_keyed_records("vizwiz", "image", records, images_dir, pattern,
-                               lambda r: [a["answer"] for a in r["answers"]], with_answer_types=True)
+    return _read_keyed_records(
+        "vizwiz",
+        "image",
+        records,
+        images_dir,
+        pattern,
+        lambda r: [a["answer"] for a in r["answers"]],
+        with_answer_types=True,
+    )
 
 
-def _read_keyed_records(name: str, key: str, records: list[dict], images_dir: Path, pattern: str, answers_of,
-                        with_answer_types: bool = False) -> VQABenchmark:
+def _read_keyed_records(
+    name: str,
+    key: str,
+    records: list[dict],
+    images_dir: Path,
+    pattern: str,
+    answers_of,
+    with_answer_types: bool = False,
+) -> VQABenchmark:
     """A benchmark whose records each hold their image, question and (when released) answers, keyed by `key`."""
     answered = all("answers" in r for r in records)
     return VQABenchmark(

@@ -41,8 +41,10 @@ def find_instruct_export(path: str | Path) -> Path:
     for candidate in (path, path / "export"):
         if (candidate / MANIFEST).is_file():
             return candidate
-    raise ConfigError(f"{path} has no {MANIFEST} (nor export/{MANIFEST}); point at a finished stage-2 run, its "
-                      "export/ directory or a merged directory (stage-1 runs only caption)")
+    raise ConfigError(
+        f"{path} has no {MANIFEST} (nor export/{MANIFEST}); point at a finished stage-2 run, its "
+        "export/ directory or a merged directory (stage-1 runs only caption)"
+    )
 
 
 def read_manifest(path: str | Path) -> tuple[Path, dict]:
@@ -50,8 +52,12 @@ def read_manifest(path: str | Path) -> tuple[Path, dict]:
     return export_dir, json.loads((export_dir / MANIFEST).read_text())
 
 
-def load_instruct(path: str | Path, device: str | torch.device = "cpu", quantization: str | None = None,
-                  attn_implementation: str = "sdpa") -> tuple[AnyMAL, object, dict]:
+def load_instruct(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    quantization: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> tuple[AnyMAL, object, dict]:
     """An instruction-tuned model in eval mode, with its tokenizer and manifest.
 
     The base LLM is loaded in its training dtype and, unless `quantization` says otherwise, with the quantization it
@@ -68,14 +74,17 @@ def load_instruct(path: str | Path, device: str | torch.device = "cpu", quantiza
     llm_path = str(export_dir) if merged else manifest["llm_model"]
     if quantization is None:
         quantization = "none" if merged else manifest["llm_quantization_in_training"]
-    llm_config = LLMConfig(model=llm_path, dtype=manifest["llm_dtype"], attn_implementation=attn_implementation,
-                           quantization=quantization)
-    vision_config = VisionConfig(model=manifest["vision_model"], feature_layer=manifest["feature_layer"],
-                                 dtype=manifest["vision_dtype"])
+    llm_config = LLMConfig(
+        model=llm_path, dtype=manifest["llm_dtype"], attn_implementation=attn_implementation, quantization=quantization
+    )
+    vision_config = VisionConfig(
+        model=manifest["vision_model"], feature_layer=manifest["feature_layer"], dtype=manifest["vision_dtype"]
+    )
     tokenizer = AutoTokenizer.from_pretrained(llm_path)
     resampler, _ = load_exported_resampler(export_dir, dtype=torch_dtype(manifest["llm_dtype"]))
-    model = build_anymal(ModelConfig(vision=vision_config, llm=llm_config), tokenizer, device=device,
-                         resampler=resampler)
+    model = build_anymal(
+        ModelConfig(vision=vision_config, llm=llm_config), tokenizer, device=device, resampler=resampler
+    )
     if not merged:
         model.llm = load_adapter(model.llm, export_dir / manifest["adapter"])
     model.resampler.to(device)
@@ -85,4 +94,3 @@ def load_instruct(path: str | Path, device: str | torch.device = "cpu", quantiza
     model.eval()
     log.info("stage-2 model from %s (step %s%s)", export_dir, manifest["step"], ", merged" if merged else "")
     return model, tokenizer, manifest
-

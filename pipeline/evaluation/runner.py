@@ -240,6 +240,12 @@ class InstructAnswerer:
             *(encode_prompt(self.tokenizer, chat_messages(turns, self.system_prompt)) for turns in conversations),
             strict=True,
         )
-        token_ids = self.model.generate({"pixel_values": pixel_values}, list(prompts), list(offsets),
-                                        self.max_new_tokens, stop_token_ids(self.tokenizer), streamer=streamer)
+        token_ids = self.model.generate(
+            {"pixel_values": pixel_values},
+            list(prompts),
+            list(offsets),
+            self.max_new_tokens,
+            stop_token_ids(self.tokenizer),
+            streamer=streamer,
+        )
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]

@@ -20,8 +20,15 @@ def normalise(text: str) -> str:
 
 
 @torch.no_grad()
-def score_toy_captions(model, tokenizer, shards: list[str], config, batch_size: int = 64,
-                       samples_path: Path | None = None, max_new_tokens: int = 16) -> dict:
+def score_toy_captions(
+    model,
+    tokenizer,
+    shards: list[str],
+    config,
+    batch_size: int = 64,
+    samples_path: Path | None = None,
+    max_new_tokens: int = 16,
+) -> dict:
     decoder = CaptionDecoder(config.model.vision.model, config.model.llm.model, config.model.max_caption_tokens)
     device = next(model.resampler.parameters()).device
     hits: dict[str, int] = {}
@@ -30,8 +37,9 @@ def score_toy_captions(model, tokenizer, shards: list[str], config, batch_size: 
     for batch in iterate_eval_batches(shards, decoder, collate_captions, batch_size, 0, 1):
         references = _split_captions(batch, tokenizer)
         inputs = {"pixel_values": batch["pixel_values"].to(device)}
-        generated = [tokenizer.decode(t, skip_special_tokens=True) for t in model.generate_captions(inputs,
-                                                                                                   max_new_tokens)]
+        generated = [
+            tokenizer.decode(t, skip_special_tokens=True) for t in model.generate_captions(inputs, max_new_tokens)
+        ]
         for key, reference, caption in zip(batch["keys"], references, generated, strict=True):
             n += 1
             ref_attrs, gen_attrs = parse_caption(reference) or {}, parse_caption(caption) or {}

@@ -86,8 +86,10 @@ class TokenLayout:
             fields.update({f"last_layer.{name}": value for name, value in vars(rows).items()})
         flat = torch.cat([value.reshape(-1).long() for value in fields.values()])
         pieces = flat.to(device, non_blocking=True).split([value.numel() for value in fields.values()])
-        fields = {name: piece.view(value.shape).to(value.dtype)
-                  for (name, value), piece in zip(fields.items(), pieces, strict=True)}
+        fields = {
+            name: piece.view(value.shape).to(value.dtype)
+            for (name, value), piece in zip(fields.items(), pieces, strict=True)
+        }
         rows = {name.partition(".")[2]: fields.pop(name) for name in list(fields) if name.startswith("last_layer.")}
         return TokenLayout(**fields, last_layer=LastLayerRows(**rows) if rows else None)
 
@@ -107,8 +109,9 @@ def _spans(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The concatenated ranges [starts[i], starts[i] + lengths[i])."""
     total = int(lengths.sum())
     begin = torch.cumsum(lengths, 0) - lengths
-    return torch.arange(total, device=lengths.device) + torch.repeat_interleave(starts - begin, lengths,
-                                                                                output_size=total)
+    return torch.arange(total, device=lengths.device) + torch.repeat_interleave(
+        starts - begin, lengths, output_size=total
+    )
 
 
 def _boundaries(lengths: torch.Tensor) -> torch.Tensor:
@@ -129,13 +132,22 @@ def last_layer_rows(loss_positions: torch.Tensor, starts: torch.Tensor) -> LastL
     key_lengths = torch.where(supervised, last - starts + 1, 0)
     cu_query = _boundaries(query_lengths)
     return LastLayerRows(
-        query_positions=_spans(first, query_lengths), key_positions=_spans(starts, key_lengths), cu_query=cu_query,
-        cu_key=_boundaries(key_lengths), loss_rows=cu_query.long()[sample] + loss_positions - first[sample],
+        query_positions=_spans(first, query_lengths),
+        key_positions=_spans(starts, key_lengths),
+        cu_query=cu_query,
+        cu_key=_boundaries(key_lengths),
+        loss_rows=cu_query.long()[sample] + loss_positions - first[sample],
     )
 
 
-def pack_samples(text_ids: torch.Tensor, text_labels: torch.Tensor, text_lengths: torch.Tensor,
-                 image_offsets: torch.Tensor, prefix_length: int, filler_id: int) -> TokenLayout:
+def pack_samples(
+    text_ids: torch.Tensor,
+    text_labels: torch.Tensor,
+    text_lengths: torch.Tensor,
+    image_offsets: torch.Tensor,
+    prefix_length: int,
+    filler_id: int,
+) -> TokenLayout:
     """Pack samples into one row. Sample i is text i with `prefix_length` image slots before its token
     `image_offsets[i]`; `text_ids` and `text_labels` are the samples' texts concatenated."""
     device = text_ids.device
@@ -143,8 +155,9 @@ def pack_samples(text_ids: torch.Tensor, text_labels: torch.Tensor, text_lengths
     sample_lengths = lengths + prefix_length
     starts = torch.cumsum(sample_lengths, 0) - sample_lengths
     total = int(sample_lengths.sum())
-    sample_of = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), sample_lengths,
-                                        output_size=total)
+    sample_of = torch.repeat_interleave(
+        torch.arange(lengths.shape[0], device=device), sample_lengths, output_size=total
+    )
     offset = torch.arange(total, device=device) - starts[sample_of]
     image_slot = _slots(offset, image_offsets[sample_of], prefix_length)
     input_ids = torch.full(offset.shape, filler_id, dtype=torch.long, device=device)
@@ -152,13 +165,26 @@ def pack_samples(text_ids: torch.Tensor, text_labels: torch.Tensor, text_lengths
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[~image_slot] = text_labels
     prefix_positions = _spans(starts + image_offsets, torch.full_like(starts, prefix_length))
-    return TokenLayout(input_ids[None], labels[None], torch.zeros_like(prefix_positions), prefix_positions,
-                       *_loss_positions(labels[None]), position_ids=offset[None],
-                       cu_seq_lens=_boundaries(sample_lengths))
+    return TokenLayout(
+        input_ids[None],
+        labels[None],
+        torch.zeros_like(prefix_positions),
+        prefix_positions,
+        *_loss_positions(labels[None]),
+        position_ids=offset[None],
+        cu_seq_lens=_boundaries(sample_lengths),
+    )
 
 
-def pad_samples(text_ids: torch.Tensor, text_labels: torch.Tensor, text_lengths: torch.Tensor,
-                image_offsets: torch.Tensor, prefix_length: int, pad_id: int, left: bool = False) -> TokenLayout:
+def pad_samples(
+    text_ids: torch.Tensor,
+    text_labels: torch.Tensor,
+    text_lengths: torch.Tensor,
+    image_offsets: torch.Tensor,
+    prefix_length: int,
+    pad_id: int,
+    left: bool = False,
+) -> TokenLayout:
     """One row per sample, padded to the longest: on the right for training, on the left for generation."""
     device = text_ids.device
     lengths, image_offsets = text_lengths.to(device), image_offsets.to(device)
@@ -193,14 +219,16 @@ def caption_text(caption_ids: torch.Tensor, caption_lengths: torch.Tensor, bos_i
     return text_ids, text_labels, lengths, torch.ones_like(lengths)
 
 
-def caption_sequence(caption_ids: torch.Tensor, caption_lengths: torch.Tensor, prefix_length: int, bos_id: int,
-                     pad_id: int) -> TokenLayout:
+def caption_sequence(
+    caption_ids: torch.Tensor, caption_lengths: torch.Tensor, prefix_length: int, bos_id: int, pad_id: int
+) -> TokenLayout:
     """Concatenated captions (each ending in EOS) as right-padded rows of BOS, image prefix, caption."""
     return pad_samples(*caption_text(caption_ids, caption_lengths, bos_id), prefix_length, pad_id)
 
 
-def packed_caption_sequence(caption_ids: torch.Tensor, caption_lengths: torch.Tensor, prefix_length: int,
-                            bos_id: int) -> TokenLayout:
+def packed_caption_sequence(
+    caption_ids: torch.Tensor, caption_lengths: torch.Tensor, prefix_length: int, bos_id: int
+) -> TokenLayout:
     """A micro batch's captions packed into one row of [BOS, prefix, caption] per sample (prefix slots hold BOS)."""
     return pack_samples(*caption_text(caption_ids, caption_lengths, bos_id), prefix_length, bos_id)
 
@@ -208,8 +236,18 @@ def packed_caption_sequence(caption_ids: torch.Tensor, caption_lengths: torch.Te
 class AnyMAL(nn.Module):
     """The composed model. `vision` is None when training reads cached features instead of images."""
 
-    def __init__(self, vision: VisionTower | None, resampler: PerceiverResampler, llm, bos_id: int, eos_id: int,
-                 pad_id: int, packing: bool = True, max_caption_tokens: int = 64, max_sequence_tokens: int = 2048):
+    def __init__(
+        self,
+        vision: VisionTower | None,
+        resampler: PerceiverResampler,
+        llm,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int,
+        packing: bool = True,
+        max_caption_tokens: int = 64,
+        max_sequence_tokens: int = 2048,
+    ):
         super().__init__()
         self.vision = vision
         self.resampler = resampler
@@ -249,9 +287,14 @@ class AnyMAL(nn.Module):
             raise RuntimeError(f"{stage} must not train these parameters: {stray[:5]}")
         resampler = sum(n for name, n in trainable.items() if name.startswith("resampler."))
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        log.info("%s trains %s parameters (resampler %s, LLM adapters %s); %s frozen", stage,
-                 f"{sum(trainable.values()):,}", f"{resampler:,}", f"{sum(trainable.values()) - resampler:,}",
-                 f"{frozen:,}")
+        log.info(
+            "%s trains %s parameters (resampler %s, LLM adapters %s); %s frozen",
+            stage,
+            f"{sum(trainable.values()):,}",
+            f"{resampler:,}",
+            f"{sum(trainable.values()) - resampler:,}",
+            f"{frozen:,}",
+        )
         return sum(trainable.values())
 
     @contextlib.contextmanager
@@ -291,18 +334,33 @@ class AnyMAL(nn.Module):
         whole global batch: every token then weighs the same whatever the micro-batch split or world size.
         """
         prefix = self.image_prefix(batch, resampler)
-        return self.text_image_loss(prefix, *caption_text(batch["caption_ids"], batch["caption_lengths"], self.bos_id),
-                                    max_length=1 + prefix.shape[1] + self.max_caption_tokens)
+        return self.text_image_loss(
+            prefix,
+            *caption_text(batch["caption_ids"], batch["caption_lengths"], self.bos_id),
+            max_length=1 + prefix.shape[1] + self.max_caption_tokens,
+        )
 
     def conversation_loss(self, batch: dict, resampler=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2: summed cross-entropy over the assistant turns (`text_labels`) and their count."""
         prefix = self.image_prefix(batch, resampler)
-        return self.text_image_loss(prefix, batch["text_ids"], batch["text_labels"], batch["text_lengths"],
-                                    batch["image_offsets"], max_length=self.max_sequence_tokens)
+        return self.text_image_loss(
+            prefix,
+            batch["text_ids"],
+            batch["text_labels"],
+            batch["text_lengths"],
+            batch["image_offsets"],
+            max_length=self.max_sequence_tokens,
+        )
 
-    def text_image_loss(self, prefix: torch.Tensor, text_ids: torch.Tensor, text_labels: torch.Tensor,
-                        text_lengths: torch.Tensor, image_offsets: torch.Tensor, max_length: int | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_image_loss(
+        self,
+        prefix: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_labels: torch.Tensor,
+        text_lengths: torch.Tensor,
+        image_offsets: torch.Tensor,
+        max_length: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed loss and supervised-token count of texts with the image tokens inserted at their offsets.
 
         The layout is built where the texts are (the trainer leaves them on the host) and then moved to the
@@ -319,8 +377,10 @@ class AnyMAL(nn.Module):
             longest = int(text_lengths.max()) + prefix_length
             bound = max_length or longest
             if longest > bound:  # the kernel would silently cut it short
-                raise RuntimeError(f"a packed sample of {longest} tokens is longer than the configured maximum "
-                                   f"({bound}: 1 + image tokens + model.max_caption_tokens, or max_sequence_tokens)")
+                raise RuntimeError(
+                    f"a packed sample of {longest} tokens is longer than the configured maximum "
+                    f"({bound}: 1 + image tokens + model.max_caption_tokens, or max_sequence_tokens)"
+                )
             if self.prune_last_layer and supports_row_pruning(decoder.layers[-1]):
                 layout.last_layer = last_layer_rows(layout.loss_positions, layout.cu_seq_lens[:-1].long())
         layout = layout.to(prefix.device)
@@ -328,8 +388,12 @@ class AnyMAL(nn.Module):
         if varlen:
             hidden = self._packed_hidden(decoder, embeddings, layout, bound)
         else:
-            hidden = decoder(inputs_embeds=embeddings, position_ids=layout.position_ids,
-                             attention_mask=layout.attention_mask, use_cache=False).last_hidden_state
+            hidden = decoder(
+                inputs_embeds=embeddings,
+                position_ids=layout.position_ids,
+                attention_mask=layout.attention_mask,
+                use_cache=False,
+            ).last_hidden_state
         rows = layout.loss_positions if layout.last_layer is None else layout.last_layer.loss_rows
         return self.supervised_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), layout.targets)
 
@@ -338,14 +402,16 @@ class AnyMAL(nn.Module):
         `layout.last_layer`, the last layer computes only the rows the loss reads: [1, Q, width] comes back."""
         boundaries = varlen_kwargs(layout.cu_seq_lens, bound)
         if layout.last_layer is None:
-            return decoder(inputs_embeds=embeddings, position_ids=layout.position_ids, use_cache=False,
-                           **boundaries).last_hidden_state
+            return decoder(
+                inputs_embeds=embeddings, position_ids=layout.position_ids, use_cache=False, **boundaries
+            ).last_hidden_state
         layers = decoder.layers
         position_embeddings = decoder.rotary_emb(embeddings, layout.position_ids)
         hidden = embeddings
         for layer in layers[:-1]:
-            hidden = layer(hidden, position_embeddings=position_embeddings, position_ids=layout.position_ids,
-                           **boundaries)
+            hidden = layer(
+                hidden, position_embeddings=position_embeddings, position_ids=layout.position_ids, **boundaries
+            )
         if self._last_layer_fn is None:
             # The pruned layer runs the way the LLM's layers run: compiled when they are (model.llm.compile_layers).
             compiled = getattr(layers[-1], "_compiled_call_impl", None) is not None
@@ -364,19 +430,37 @@ class AnyMAL(nn.Module):
         return total, torch.tensor(targets.shape[0])
 
     @torch.no_grad()
-    def generate(self, batch: dict, prompts: list[list[int]], image_offsets: list[int], max_new_tokens: int,
-                 stop_ids: list[int], streamer=None) -> list[list[int]]:
+    def generate(
+        self,
+        batch: dict,
+        prompts: list[list[int]],
+        image_offsets: list[int],
+        max_new_tokens: int,
+        stop_ids: list[int],
+        streamer=None,
+    ) -> list[list[int]]:
         """Greedy continuations of token prompts, each with the batch's image inserted before token
         `image_offsets[i]`; rows are left-padded. Returns each row's new tokens up to (without) the first stop id."""
         prefix = self.image_prefix(batch)
         device = prefix.device
         text_ids = torch.tensor([t for prompt in prompts for t in prompt], dtype=torch.long, device=device)
         lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
-        layout = pad_samples(text_ids, text_ids, lengths, torch.tensor(image_offsets, device=device), prefix.shape[1],
-                             self.pad_id, left=True)
+        layout = pad_samples(
+            text_ids,
+            text_ids,
+            lengths,
+            torch.tensor(image_offsets, device=device),
+            prefix.shape[1],
+            self.pad_id,
+            left=True,
+        )
         output = self.llm.generate(
-            inputs_embeds=self.embed(layout, prefix), attention_mask=layout.attention_mask,
-            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=self.pad_id,
+            inputs_embeds=self.embed(layout, prefix),
+            attention_mask=layout.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=self.pad_id,
             streamer=streamer,
         )
         stops = set(stop_ids)
@@ -392,8 +476,15 @@ class AnyMAL(nn.Module):
         return self.generate(batch, [[self.bos_id]] * size, [1] * size, max_new_tokens, [self.eos_id])
 
 
-def build_anymal(config: ModelConfig, tokenizer, *, load_vision: bool = True, llm=None, device=None,
-                 resampler: PerceiverResampler | None = None) -> AnyMAL:
+def build_anymal(
+    config: ModelConfig,
+    tokenizer,
+    *,
+    load_vision: bool = True,
+    llm=None,
+    device=None,
+    resampler: PerceiverResampler | None = None,
+) -> AnyMAL:
     """Load the frozen towers (by hub id or path) and build a fresh resampler sized between them (unless given).
 
     `device` is where a quantized LLM is loaded (see `load_llm`); everything else is built on the CPU."""
@@ -406,15 +497,30 @@ def build_anymal(config: ModelConfig, tokenizer, *, load_vision: bool = True, ll
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     if bos_id is None or eos_id is None:
         raise ValueError(f"tokenizer of {config.llm.model} lacks a bos or eos token; stage 1 needs both")
-    return AnyMAL(vision, resampler, llm, bos_id, eos_id, pad_id, packing=config.packing,
-                  max_caption_tokens=config.max_caption_tokens, max_sequence_tokens=config.max_sequence_tokens)
+    return AnyMAL(
+        vision,
+        resampler,
+        llm,
+        bos_id,
+        eos_id,
+        pad_id,
+        packing=config.packing,
+        max_caption_tokens=config.max_caption_tokens,
+        max_sequence_tokens=config.max_sequence_tokens,
+    )
 
 
 def build_resampler(config: ModelConfig, vision_width: int, llm_width: int) -> PerceiverResampler:
     r = config.resampler
     return PerceiverResampler(
-        vision_width, llm_width, num_latents=r.num_latents, depth=r.depth, heads=r.heads, head_dim=r.head_dim,
-        width=r.width, ff_mult=r.ff_mult,
+        vision_width,
+        llm_width,
+        num_latents=r.num_latents,
+        depth=r.depth,
+        heads=r.heads,
+        head_dim=r.head_dim,
+        width=r.width,
+        ff_mult=r.ff_mult,
     )
 
 

@@ -65,8 +65,12 @@ def varlen_available() -> bool:
 
 def varlen_kwargs(cu_seq_lens: torch.Tensor, max_length: int) -> dict:
     """The keyword arguments that carry a packed row's sample boundaries to every attention layer."""
-    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": int(max_length),
-            "max_length_k": int(max_length)}
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": int(max_length),
+        "max_length_k": int(max_length),
+    }
 
 
 def _span_mask(cu_query: torch.Tensor, cu_key: torch.Tensor) -> torch.Tensor:
@@ -82,8 +86,15 @@ def _span_mask(cu_query: torch.Tensor, cu_key: torch.Tensor) -> torch.Tensor:
     return (query_sample[:, None] == key_sample[None, :]) & (key_from_end[None, :] >= query_from_end[:, None])
 
 
-def attend_spans(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_query: torch.Tensor,
-                 cu_key: torch.Tensor, max_length: int, scale: float) -> torch.Tensor:
+def attend_spans(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_query: torch.Tensor,
+    cu_key: torch.Tensor,
+    max_length: int,
+    scale: float,
+) -> torch.Tensor:
     """Causal attention of each sample's query span to its key span (aligned at their ends), never across samples.
 
     query [Q, H, D], key/value [K, H_kv, D] -> [Q, H, D]. The varlen flash kernel on a GPU; elsewhere SDPA under
@@ -91,8 +102,12 @@ def attend_spans(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu
     if query.is_cuda and _KERNEL is not None:
         return _KERNEL(query, key, value, cu_query, cu_key, max_length, scale)
     out = F.scaled_dot_product_attention(
-        query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
-        attn_mask=_span_mask(cu_query, cu_key), scale=scale, enable_gqa=key.shape[1] != query.shape[1],
+        query.transpose(0, 1)[None],
+        key.transpose(0, 1)[None],
+        value.transpose(0, 1)[None],
+        attn_mask=_span_mask(cu_query, cu_key),
+        scale=scale,
+        enable_gqa=key.shape[1] != query.shape[1],
     )
     return out[0].transpose(0, 1)
 
@@ -106,15 +121,23 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     for key_name in ("cu_seq_lens_k", "max_length_k"):
         kwargs.pop(key_name, None)
     if cu_seq_lens is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError("varlen attention takes one packed row without an attention mask")
     if dropout:
         raise ValueError("varlen attention has no attention dropout; set the LLM's attention_dropout to 0")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = attend_spans(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_seq_lens,
-                       cu_seq_lens, max_length, scale)
+    out = attend_spans(
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        cu_seq_lens,
+        cu_seq_lens,
+        max_length,
+        scale,
+    )
     return out[None], None
 
 

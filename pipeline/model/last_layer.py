@@ -31,8 +31,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def last_layer_at_rows(layer, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], rows,
-                       max_length: int) -> torch.Tensor:
+def last_layer_at_rows(
+    layer, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], rows, max_length: int
+) -> torch.Tensor:
     """`layer`'s output [1, Q, width] at `rows.query_positions` of the packed row `hidden` [1, T, width].
 
     `position_embeddings` is the (cos, sin) pair [1, T, head_dim] of the row's positions; `rows` a `LastLayerRows`.

@@ -38,7 +38,9 @@ def quantization_config(config: LLMConfig):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=config.quantization, bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quantization,
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch_dtype(config.dtype),
     )
 
@@ -57,7 +59,12 @@ def load_llm(config: LLMConfig, device=None) -> PreTrainedModel:
     if config.compile_layers:
         for layer in llm.get_decoder().layers:
             layer.compile(dynamic=True)
-    log.info("LLM %s: %s parameters, %s attention%s%s", config.model, f"{llm.num_parameters():,}",
-             config.attn_implementation, ", compiled layers" if config.compile_layers else "",
-             f", {config.quantization} weights" if quantization is not None else "")
+    log.info(
+        "LLM %s: %s parameters, %s attention%s%s",
+        config.model,
+        f"{llm.num_parameters():,}",
+        config.attn_implementation,
+        ", compiled layers" if config.compile_layers else "",
+        f", {config.quantization} weights" if quantization is not None else "",
+    )
     return llm

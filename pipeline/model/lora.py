@@ -16,8 +16,14 @@ def add_lora(llm, config: LoRAConfig):
     """Wrap `llm` in a peft model with fresh adapters (B = 0, so the model's output is unchanged at first)."""
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(llm, lora)
 
 

@@ -56,6 +56,11 @@ class VisionTower(nn.Module):
 def load_vision_tower(config: VisionConfig) -> VisionTower:
     clip = CLIPVisionModel.from_pretrained(config.model, dtype=torch_dtype(config.dtype))
     tower = VisionTower(clip, config.feature_layer)
-    log.info("vision tower %s: hidden layer %d of %d, width %d", config.model, tower.index,
-             clip.config.num_hidden_layers, tower.width)
+    log.info(
+        "vision tower %s: hidden layer %d of %d, width %d",
+        config.model,
+        tower.index,
+        clip.config.num_hidden_layers,
+        tower.width,
+    )
     return tower

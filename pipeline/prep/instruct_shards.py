@@ -98,8 +98,9 @@ def _checked(records: list, images_dir: Path, pool: ThreadPoolExecutor, chunk: i
             yield start + offset, record, result
 
 
-def convert(json_path: str | Path, images_dir: str | Path, out_dir: str | Path, shard_size: int = 5000,
-            workers: int = 8) -> dict:
+def convert(
+    json_path: str | Path, images_dir: str | Path, out_dir: str | Path, shard_size: int = 5000, workers: int = 8
+) -> dict:
     """Write the shards, skipped.jsonl and stats.json; returns the stats."""
     json_path, images_dir, out_dir = Path(json_path), Path(images_dir), Path(out_dir)
     if not json_path.is_file():
@@ -117,18 +118,22 @@ def convert(json_path: str | Path, images_dir: str | Path, out_dir: str | Path, 
             if status != "ok":
                 skipped[status] += 1
                 record_id = record.get("id") if isinstance(record, dict) else None
-                skip_log.write(json.dumps({"index": index, "id": record_id, "reason": status, "detail": payload})
-                               + "\n")
+                skip_log.write(
+                    json.dumps({"index": index, "id": record_id, "reason": status, "detail": payload}) + "\n"
+                )
                 if sum(skipped.values()) <= 10:
                     log.warning("skipped record %d (%s): %s: %s", index, record_id, status, payload)
                 continue
-            sample = {"id": record.get("id", index), "image": record["image"],
-                      "conversations": record["conversations"]}
+            sample = {"id": record.get("id", index), "image": record["image"], "conversations": record["conversations"]}
             extension = IMAGE_EXTENSIONS[Path(record["image"]).suffix.lower()]
             writer.add(f"{index:09d}", {extension: payload, "json": json.dumps(sample).encode()})
     writer.close()
-    stats = {"records": len(records), "written": len(records) - sum(skipped.values()), "shards": writer.shards,
-             "skipped": {reason: skipped[reason] for reason in SKIP_REASONS}}
+    stats = {
+        "records": len(records),
+        "written": len(records) - sum(skipped.values()),
+        "shards": writer.shards,
+        "skipped": {reason: skipped[reason] for reason in SKIP_REASONS},
+    }
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
@@ -141,8 +146,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
     parser.add_argument("--workers", type=int, default=8, help="threads that read and check images")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     if args.shard_size < 1 or args.workers < 1:
         parser.error("--shard-size and --workers must be positive")
     try:

@@ -44,25 +44,52 @@ def questions(attrs: dict) -> dict[str, tuple[list[str], list[str], str, str]]:
     """Per question kind: (training phrasings, held-out phrasings, one-word answer, sentence answer)."""
     colour, shape, size = attrs["colour"], attrs["shape"], attrs["size"]
     return {
-        "colour": (["what colour is the shape ?", "what is the colour of the object ?", "what color is it ?",
-                    "what color is the object ?", "what is the color of the object ?"],
-                   ["what colour is the object ?", "what is the color of the shape ?"],
-                   colour, f"the shape is {colour} ."),
-        "shape": (["what shape is it ?", "what shape is in the image ?", "what is the object ?"],
-                  ["what shape is this ?", "what is the shape in the picture ?"],
-                  shape, f"it is a {shape} ."),
-        "size": (["what size is the shape ?", "what is the size of the object ?"],
-                 ["what size is the object ?", "what is the size of the shape ?"],
-                 size, f"the shape is {size} ."),
-        "background": (["what colour is the background ?", "what color is the background ?",
-                        "what is the color of the background ?"],
-                       ["what is the colour of the background ?"],
-                       attrs["background"], f"the background is {attrs['background']} ."),
-        "count": (["how many shapes are there ?", "how many shapes are in the picture ?"],
-                  ["how many shapes are in the image ?"], "one", "there is one shape ."),
-        "position": (["where is the shape ?", "where is the object in the image ?"],
-                     ["where is the object ?", "where is the shape in the picture ?"],
-                     "centre", "the shape is in the centre ."),
+        "colour": (
+            [
+                "what colour is the shape ?",
+                "what is the colour of the object ?",
+                "what color is it ?",
+                "what color is the object ?",
+                "what is the color of the object ?",
+            ],
+            ["what colour is the object ?", "what is the color of the shape ?"],
+            colour,
+            f"the shape is {colour} .",
+        ),
+        "shape": (
+            ["what shape is it ?", "what shape is in the image ?", "what is the object ?"],
+            ["what shape is this ?", "what is the shape in the picture ?"],
+            shape,
+            f"it is a {shape} .",
+        ),
+        "size": (
+            ["what size is the shape ?", "what is the size of the object ?"],
+            ["what size is the object ?", "what is the size of the shape ?"],
+            size,
+            f"the shape is {size} .",
+        ),
+        "background": (
+            [
+                "what colour is the background ?",
+                "what color is the background ?",
+                "what is the color of the background ?",
+            ],
+            ["what is the colour of the background ?"],
+            attrs["background"],
+            f"the background is {attrs['background']} .",
+        ),
+        "count": (
+            ["how many shapes are there ?", "how many shapes are in the picture ?"],
+            ["how many shapes are in the image ?"],
+            "one",
+            "there is one shape .",
+        ),
+        "position": (
+            ["where is the shape ?", "where is the object in the image ?"],
+            ["where is the object ?", "where is the shape in the picture ?"],
+            "centre",
+            "the shape is in the centre .",
+        ),
     }
 
 
@@ -100,8 +127,15 @@ def write_llava_json(world_dir: str | Path, split: str, out_path: str | Path, se
     return out_path
 
 
-def write_vqa_files(world_dir: str | Path, split: str, out_dir: str | Path, per_image: int = 2,
-                    limit: int | None = None, seed: int = 0, phrasings: str = "held_out") -> dict:
+def write_vqa_files(
+    world_dir: str | Path,
+    split: str,
+    out_dir: str | Path,
+    per_image: int = 2,
+    limit: int | None = None,
+    seed: int = 0,
+    phrasings: str = "held_out",
+) -> dict:
     """VQA-format questions and annotations about `split`'s images, in held-out (or "training") phrasings.
 
     Returns {"questions", "annotations", "images", "image_pattern"} for `read_vqa_benchmark`.
@@ -115,14 +149,18 @@ def write_vqa_files(world_dir: str | Path, split: str, out_dir: str | Path, per_
             answer = NUMBER_WORDS.get(answer, answer)  # annotation files hold digits, as VQAv2's do
             question_id = len(questions_out)
             asked = rng.choice(held_out if phrasings == "held_out" else training)
-            questions_out.append({"image_id": record["id"], "question": asked,
-                                  "question_id": question_id})
+            questions_out.append({"image_id": record["id"], "question": asked, "question_id": question_id})
             answer_type = "number" if kind == "count" else "other"
-            annotations.append({
-                "question_id": question_id, "image_id": record["id"], "question_type": kind,
-                "answer_type": answer_type, "multiple_choice_answer": answer,
-                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)],
-            })
+            annotations.append(
+                {
+                    "question_id": question_id,
+                    "image_id": record["id"],
+                    "question_type": kind,
+                    "answer_type": answer_type,
+                    "multiple_choice_answer": answer,
+                    "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)],
+                }
+            )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"questions": out_dir / "questions.json", "annotations": out_dir / "annotations.json"}

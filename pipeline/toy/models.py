@@ -324,8 +324,9 @@ def build_tiny_llama(
     return stats
 
 
-def build_toy_models(out_dir: str | Path, world_dir: str | Path, seed: int, lm_steps: int | None = None,
-                     lm_seconds: float | None = None) -> dict:
+def build_toy_models(
+    out_dir: str | Path, world_dir: str | Path, seed: int, lm_steps: int | None = None, lm_seconds: float | None = None
+) -> dict:
     """Write `out_dir/clip` (vision tower + processor) and `out_dir/llm` (pretrained LM + tokenizer).
 
     The LM is pretrained on the train split of the world in `world_dir` for `lm_steps` steps or `lm_seconds`,
@@ -336,6 +337,7 @@ def build_toy_models(out_dir: str | Path, world_dir: str | Path, seed: int, lm_s
     clip_dir = build_tiny_clip(out_dir / "clip", seed=seed)
     llm_dir = out_dir / "llm"
     tokenizer = build_tokenizer(llm_dir, toy_vocabulary())
-    lm_stats = build_tiny_llama(llm_dir, tokenizer, world.read_records(world_dir, "train"), lm_seconds, seed,
-                                max_steps=lm_steps)
+    lm_stats = build_tiny_llama(
+        llm_dir, tokenizer, world.read_records(world_dir, "train"), lm_seconds, seed, max_steps=lm_steps
+    )
     return {"clip": clip_dir, "llm": llm_dir, "lm_stats": lm_stats}

@@ -65,8 +65,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, step: int, rank_state: dict, trainer_state: dict, rank: int,
-                    keep_last: int) -> Path:
+def save_checkpoint(
+    engine, checkpoint_dir: Path, step: int, rank_state: dict, trainer_state: dict, rank: int, keep_last: int
+) -> Path:
     """Collective: every rank calls it. Returns the checkpoint's directory."""
     tag = tag_for(step)
     path = checkpoint_dir / tag

@@ -37,11 +37,24 @@ def peak_tflops() -> float | None:
     return None
 
 
-def step_flops(n_body: int, n_head: int, n_resampler: int, n_vision: int, llm_tokens: float,
-               supervised_tokens: float, samples: float, latents: int, vision_tokens: int) -> float:
+def step_flops(
+    n_body: int,
+    n_head: int,
+    n_resampler: int,
+    n_vision: int,
+    llm_tokens: float,
+    supervised_tokens: float,
+    samples: float,
+    latents: int,
+    vision_tokens: int,
+) -> float:
     """Useful FLOPs of a step (see the module docstring)."""
-    return (4.0 * n_body * llm_tokens + 4.0 * n_head * supervised_tokens + 6.0 * n_resampler * samples * latents
-            + 2.0 * n_vision * samples * vision_tokens)
+    return (
+        4.0 * n_body * llm_tokens
+        + 4.0 * n_head * supervised_tokens
+        + 6.0 * n_resampler * samples * latents
+        + 2.0 * n_vision * samples * vision_tokens
+    )
 
 
 def llm_flop_parameters(llm, count) -> tuple[int, int]:
@@ -55,8 +68,9 @@ def llm_flop_parameters(llm, count) -> tuple[int, int]:
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing, so call sites need no rank checks."""
 
-    def __init__(self, run_dir: Path, enabled: bool, wandb_settings: dict | None, config_dict: dict,
-                 resume_id: str | None = None):
+    def __init__(
+        self, run_dir: Path, enabled: bool, wandb_settings: dict | None, config_dict: dict, resume_id: str | None = None
+    ):
         self.enabled = enabled
         self.wandb_run = None
         self.jsonl = None

@@ -114,9 +114,12 @@ class SampleLogger:
 
         from pipeline.evaluation.runner import InstructAnswerer
 
-        answerer = InstructAnswerer(self.model, self.tokenizer,
-                                    CLIPImageProcessor.from_pretrained(self.config.model.vision.model),
-                                    system_prompt=self.config.model.system_prompt)
+        answerer = InstructAnswerer(
+            self.model,
+            self.tokenizer,
+            CLIPImageProcessor.from_pretrained(self.config.model.vision.model),
+            system_prompt=self.config.model.system_prompt,
+        )
         images = []
         for _, members in self.records:
             with Image.open(io.BytesIO(members[next(e for e in IMAGE_MEMBERS if e in members)])) as image:
@@ -130,10 +133,17 @@ class SampleLogger:
         self._vision()
         generated = self._generate()
         rows = [
-            {"step": step, "key": key, "image": f"images/{key}.{next(e for e in IMAGE_MEMBERS if e in members)}",
-             "prompt": prompt, "reference": reference, "generated": text}
-            for (key, members), prompt, reference, text in zip(self.records, self.prompts, self.references, generated,
-                                                                strict=True)
+            {
+                "step": step,
+                "key": key,
+                "image": f"images/{key}.{next(e for e in IMAGE_MEMBERS if e in members)}",
+                "prompt": prompt,
+                "reference": reference,
+                "generated": text,
+            }
+            for (key, members), prompt, reference, text in zip(
+                self.records, self.prompts, self.references, generated, strict=True
+            )
         ]
         (self.out_dir / f"step_{step:08d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         self._write_html()
@@ -160,7 +170,9 @@ class SampleLogger:
                 f"<td>{html.escape(r['generated'])}</td></tr>"
                 for r in rows
             )
-            sections.append(f"<h2>step {rows[0]['step']}</h2><table border=1><tr><th>image</th><th>key</th>"
-                            f"<th>prompt</th><th>reference</th><th>generated</th></tr>{cells}</table>")
+            sections.append(
+                f"<h2>step {rows[0]['step']}</h2><table border=1><tr><th>image</th><th>key</th>"
+                f"<th>prompt</th><th>reference</th><th>generated</th></tr>{cells}</table>"
+            )
         page = "<html><head><meta charset='utf-8'><title>samples</title></head><body>" + "".join(sections)
         (self.out_dir / "index.html").write_text(page + "</body></html>\n")

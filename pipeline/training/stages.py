@@ -37,8 +37,10 @@ def decay_groups(params, weight_decay: float, **options) -> list[dict]:
 
 def parameter_count(module: nn.Module) -> int:
     """Parameters as the model has them: a 4-bit weight counts its unpacked shape, not its packed bytes."""
-    return sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
-               for p in module.parameters())
+    return sum(
+        p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+        for p in module.parameters()
+    )
 
 
 class CaptionStage:
@@ -74,8 +76,17 @@ class CaptionStage:
             n_vision = parameter_count(model.vision)
             vision_tokens = (clip.image_size // clip.patch_size) ** 2 + 1
         n_body, n_head = llm_flop_parameters(model.llm, parameter_count)
-        return step_flops(n_body, n_head, parameter_count(model.resampler), n_vision, llm_tokens, supervised_tokens,
-                          samples, model.resampler.num_latents, vision_tokens)
+        return step_flops(
+            n_body,
+            n_head,
+            parameter_count(model.resampler),
+            n_vision,
+            llm_tokens,
+            supervised_tokens,
+            samples,
+            model.resampler.num_latents,
+            vision_tokens,
+        )
 
     def export(self, engine_module: nn.Module, out_dir: Path, step: int) -> Path:
         return export_resampler(engine_module, out_dir, to_dict(self.config.model), step)

@@ -34,8 +34,14 @@ log = logging.getLogger(__name__)
 
 # Keys in the DeepSpeed JSON that this trainer fills in from the run config; a JSON value other than "auto" for
 # one of them would silently disagree with the config, so it is an error.
-MANAGED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                   "gradient_clipping", "optimizer", "scheduler")
+MANAGED_DS_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+)
 
 
 def deepspeed_config(config: RunConfig, world_size: int) -> dict:
@@ -48,8 +54,10 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     for key in MANAGED_DS_KEYS:
         if key in ds and ds[key] != "auto":
-            raise ValueError(f"{path} sets '{key}'; batch sizes, optimizer, scheduler and clipping come from the "
-                             "run config, so set it to \"auto\" or remove it")
+            raise ValueError(
+                f"{path} sets '{key}'; batch sizes, optimizer, scheduler and clipping come from the "
+                'run config, so set it to "auto" or remove it'
+            )
     accumulation = gradient_accumulation_steps(config, world_size)
     ds.update(
         train_batch_size=config.train.global_batch_size,
@@ -143,8 +151,11 @@ class Trainer:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=stage.trainable_module(), optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(config, dist_env.world_size), dist_init_required=False,
+            model=stage.trainable_module(),
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(config, dist_env.world_size),
+            dist_init_required=False,
         )
         self.step = 0
         self.samples_seen = 0
@@ -171,8 +182,13 @@ class Trainer:
     def save(self) -> None:
         trainer_state = {"step": self.step, "samples_seen": self.samples_seen, "wandb_id": self.wandb_id}
         ckpt.save_checkpoint(
-            self.engine, self.checkpoint_dir, self.step, {"loader": self.loader.state_dict()}, trainer_state,
-            self.dist_env.rank, self.config.train.keep_last_checkpoints,
+            self.engine,
+            self.checkpoint_dir,
+            self.step,
+            {"loader": self.loader.state_dict()},
+            trainer_state,
+            self.dist_env.rank,
+            self.config.train.keep_last_checkpoints,
         )
 
     # -- the step ----------------------------------------------------------------------------------------------
@@ -268,8 +284,11 @@ class Trainer:
                 if val_loss is not None:
                     metrics.log(self.step, {"val/loss": val_loss})
             stop = self.agreed_stop_signal()
-            if stop or self.step % cfg.save_every_steps == 0 or self.step == cfg.max_steps or (
-                cfg.stop_after_steps and self.step >= cfg.stop_after_steps
+            if (
+                stop
+                or self.step % cfg.save_every_steps == 0
+                or self.step == cfg.max_steps
+                or (cfg.stop_after_steps and self.step >= cfg.stop_after_steps)
             ):
                 self.save()
             if stop:

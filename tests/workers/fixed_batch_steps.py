@@ -35,9 +35,13 @@ def global_batches(steps: int, global_size: int, vocab: int, image_size: int, eo
         for i in range(global_size):
             ids = torch.randint(5, vocab, (int(lengths[i]),), generator=generator)
             ids[-1] = eos
-            samples.append({"key": f"s{step}_{i}", "pixel_values": torch.randn(3, image_size, image_size,
-                                                                                generator=generator),
-                            "caption_ids": ids})
+            samples.append(
+                {
+                    "key": f"s{step}_{i}",
+                    "pixel_values": torch.randn(3, image_size, image_size, generator=generator),
+                    "caption_ids": ids,
+                }
+            )
         yield samples
 
 
@@ -52,10 +56,15 @@ def conversation_batches(steps: int, global_size: int, vocab: int, image_size: i
             ids[0] = bos
             supervised = torch.rand(length, generator=generator) < 0.35
             supervised[0], supervised[-1] = False, True
-            samples.append({"key": f"s{step}_{i}", "pixel_values": torch.randn(3, image_size, image_size,
-                                                                                generator=generator),
-                            "text_ids": ids, "text_labels": ids.masked_fill(~supervised, IGNORE_INDEX),
-                            "image_offset": int(torch.randint(1, 4, (1,), generator=generator))})
+            samples.append(
+                {
+                    "key": f"s{step}_{i}",
+                    "pixel_values": torch.randn(3, image_size, image_size, generator=generator),
+                    "text_ids": ids,
+                    "text_labels": ids.masked_fill(~supervised, IGNORE_INDEX),
+                    "image_offset": int(torch.randint(1, 4, (1,), generator=generator)),
+                }
+            )
         yield samples
 
 
@@ -82,17 +91,30 @@ def main():
     stage = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     run_dir = out_path.parent / (out_path.stem + "_run")
     stage2 = ["stage=2", "model.lora.r=4", "model.lora.dropout=0.0", "model.stage1_resampler="] if stage == 2 else []
-    config = load_config(ROOT / ("configs/toy_stage2.yaml" if stage == 2 else "configs/toy.yaml"), [*stage2,
-        f"run_dir={run_dir}", f"model.vision.model={model_dir}/clip", f"model.llm.model={model_dir}/llm",
-        f"train.micro_batch_size={micro}", f"train.global_batch_size={global_size}", f"train.max_steps={steps}",
-        "train.save_every_steps=1000", "train.log_every_steps=1", "optim.warmup_steps=1", "data.shuffle_buffer=0",
-        "optim.weight_decay=0.0", "train.eval_every_steps=0",
-        # AdamW divides each element by its own gradient magnitude; with the default eps (1e-8) an element whose
-        # gradient is ~1e-8 turns 1e-7 fp32 noise into a visible change of its update. eps 1e-3 keeps the same code
-        # path well-conditioned. And an update is the difference of fp32 parameters of magnitude ~1, exact only to
-        # ~1e-7: a step of lr 0.1 keeps that rounding below 1e-5 of the update, so updates compare element-wise.
-        "optim.eps=1e-3", "optim.lr=0.1",
-    ])
+    config = load_config(
+        ROOT / ("configs/toy_stage2.yaml" if stage == 2 else "configs/toy.yaml"),
+        [
+            *stage2,
+            f"run_dir={run_dir}",
+            f"model.vision.model={model_dir}/clip",
+            f"model.llm.model={model_dir}/llm",
+            f"train.micro_batch_size={micro}",
+            f"train.global_batch_size={global_size}",
+            f"train.max_steps={steps}",
+            "train.save_every_steps=1000",
+            "train.log_every_steps=1",
+            "optim.warmup_steps=1",
+            "data.shuffle_buffer=0",
+            "optim.weight_decay=0.0",
+            "train.eval_every_steps=0",
+            # AdamW divides each element by its own gradient magnitude; with the default eps (1e-8) an element whose
+            # gradient is ~1e-8 turns 1e-7 fp32 noise into a visible change of its update. eps 1e-3 keeps the same code
+            # path well-conditioned. And an update is the difference of fp32 parameters of magnitude ~1, exact only to
+            # ~1e-7: a step of lr 0.1 keeps that rounding below 1e-5 of the update, so updates compare element-wise.
+            "optim.eps=1e-3",
+            "optim.lr=0.1",
+        ],
+    )
     dist_env = init_distributed("gloo")
     from transformers import AutoTokenizer
 
@@ -115,9 +137,13 @@ def main():
 
         batches = list(global_batches(steps, global_size, len(tokenizer), image_size, tokenizer.eos_token_id))
         stage_parts, collate = CaptionStage(model, config), collate_captions
-    trainer = Trainer(config, stage_parts,
-                      lambda state: FixedLoader(batches, dist_env.rank, dist_env.world_size, micro, collate),
-                      dist_env, device_for(dist_env))
+    trainer = Trainer(
+        config,
+        stage_parts,
+        lambda state: FixedLoader(batches, dist_env.rank, dist_env.world_size, micro, collate),
+        dist_env,
+        device_for(dist_env),
+    )
     trainer.maybe_resume()
     losses, grad_norms, grads = [], [], []
     initial = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
@@ -128,8 +154,12 @@ def main():
         if trainer.engine.is_gradient_accumulation_boundary():
             from deepspeed.utils import safe_get_full_grad
 
-            grads.append({n: safe_get_full_grad(p).detach().double().clone()
-                          for n, p in trainer.engine.module.named_parameters()})
+            grads.append(
+                {
+                    n: safe_get_full_grad(p).detach().double().clone()
+                    for n, p in trainer.engine.module.named_parameters()
+                }
+            )
         engine_step()
 
     trainer.engine.step = step_recording_gradients
@@ -142,8 +172,16 @@ def main():
     trainer.fit(Recorder(run_dir, False, None, {}))
     if dist_env.rank == 0:
         updates = {n: (p.detach() - initial[n]).double() for n, p in trainer.engine.module.named_parameters()}
-        torch.save({"losses": losses, "grad_norms": grad_norms, "updates": updates, "grads": grads,
-                    "accumulation": trainer.accumulation}, out_path)
+        torch.save(
+            {
+                "losses": losses,
+                "grad_norms": grad_norms,
+                "updates": updates,
+                "grads": grads,
+                "accumulation": trainer.accumulation,
+            },
+            out_path,
+        )
 
 
 if __name__ == "__main__":
