@@ -99,11 +99,18 @@ class StopSignal:
 
 class DeferredMax:
     """An all-reduced maximum whose answer is read one exchange later, so that reading it does not wait for work
-    queued on the GPU after it (the all-reduce runs in stream order behind the step that posted it)."""
+    queued on the GPU after it (the all-reduce runs in stream order behind the step that posted it).
+
+    On a GPU the answers land in two page-locked host buffers used in turn, allocated once: the one an exchange
+    writes was last read at the exchange before, after its copy had finished."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.pending = None
+        self.answers = (
+            [torch.empty(1, dtype=torch.int64, pin_memory=True) for _ in range(2)] if device.type == "cuda" else []
+        )
+        self.exchanges = 0
 
     def exchange(self, value: int) -> int:
         """Post `value`; return the maximum over ranks of the values posted at the previous exchange (0 at first)."""
@@ -113,24 +120,19 @@ class DeferredMax:
             if done is not None:
                 done.synchronize()
             agreed = int(answer.item())
-        flag = _host_to_device(torch.tensor([value], dtype=torch.int64), self.device)
+        # Small host-to-device copies go from pageable memory: CUDA stages them at once, without a device wait.
+        flag = torch.tensor([value], dtype=torch.int64).to(self.device, non_blocking=True)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         done = None
-        if self.device.type == "cuda":
-            answer = torch.empty(1, dtype=torch.int64, pin_memory=True)
+        if self.answers:
+            answer = self.answers[self.exchanges % 2]
             answer.copy_(flag, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
             flag = answer
+        self.exchanges += 1
         self.pending = (flag, done)
         return agreed
-
-
-def _host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`, copied from page-locked memory so that the copy does not wait for the GPU."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class Trainer:
@@ -204,7 +206,7 @@ class Trainer:
         here waits for the GPU, so the host queues the next step while this one runs. `fit` reads the numbers only
         when it logs."""
         local = torch.tensor([self.stage.token_counts(batch) for batch in micro_batches], dtype=torch.float64)
-        totals = _host_to_device(local.sum(0), self.device)
+        totals = local.sum(0).to(self.device, non_blocking=True)  # pageable, as for DeferredMax's flag
         dist.all_reduce(totals)
         # Every micro batch back-propagates its summed loss over the step's global supervised-token count.
         scale = (self.dist_env.world_size / totals[0]).float()
