@@ -44,16 +44,28 @@ def attention_of(variant: str, default: str) -> str:
     return default
 
 
+def configure_layers(model, variant: str) -> None:
+    """How a run's packed forward runs the LLM's layers: +full (no last-layer pruning), +hflayers (HF's layers),
+    +unfused (the spelled-out layers with q/k/v as three GEMMs)."""
+    model.prune_last_layer = "+full" not in variant
+    model.packed_layers = "+hflayers" not in variant
+    model.fuse_qkv = "+unfused" not in variant
+
+
 def deepspeed_config_of(variant: str, path: str) -> str:
     """The DeepSpeed JSON of a run: `path`, or a copy with DeepSpeed's defaults that the project's JSONs turn off put
-    back (+overlap: ZeRO-2's overlap_comm, off for stage 1; +dstimers: the synchronizing throughput timer)."""
-    if "+overlap" not in variant and "+dstimers" not in variant:
+    back (+overlap: ZeRO-2's overlap_comm, off for stage 1; +dstimers: the synchronizing throughput timer), or with
+    +nooverflow: bf16's gradient overflow check off (it reads a flag on the host before every optimizer step)."""
+    changes = ("+overlap", "+dstimers", "+nooverflow")
+    if not any(change in variant for change in changes):
         return path
     ds = json.loads(Path(path).read_text())
     if "+overlap" in variant:
         ds["zero_optimization"]["overlap_comm"] = True
     if "+dstimers" in variant:
         ds.pop("timers", None)
+    if "+nooverflow" in variant:
+        ds["bf16"]["check_grad_overflow"] = False
     out = Path(tempfile.mkdtemp()) / "zero2_variant.json"
     out.write_text(json.dumps(ds))
     return str(out)
@@ -155,7 +167,7 @@ def _category(name: str) -> str:
     return "other"
 
 
-def profile_steps(step_fn, batches: list[dict], device: torch.device, top: int = 15) -> dict:
+def profile_steps(step_fn, batches: list[dict], device: torch.device, top: int = 30) -> dict:
     """GPU kernel time per step by category and the top kernels, over `batches` run under torch.profiler.
 
     `idle_ms` is wall time minus summed kernel time (one stream, so overlap is small): launch gaps, host syncs and

@@ -19,14 +19,20 @@ Variants:
                 token-mean normalisation; SDPA over the packed row's mask.
   +flex         flex attention (block-sparse over the packed row) instead of SDPA.
   +varlen       PyTorch's variable-length flash attention over the samples' boundaries (pipeline/model/attention.py);
-                the last layer computes only the rows the loss reads (pipeline/model/last_layer.py), unless:
+                LLaMA's layers spelled out over the packed row with q/k/v fused, and the last layer only at
+                the rows the loss reads (pipeline/model/llama_layers.py), unless:
   +full         the last layer computes every row.
+  +hflayers     HF's LlamaDecoderLayer runs each layer (the boundaries passed as kwargs), instead of the layer
+                spelled out over the packed row with q/k/v as one GEMM (pipeline/model/llama_layers.py).
+  +unfused      the spelled-out layer with q/k/v as three GEMMs.
   +overlap      ZeRO-2's overlap_comm on (stage 1's ds_configs/zero2_stage1.json has it off: it synchronizes the
                 device after every micro batch's backward, and the resampler's gradients come last, with nothing
                 left to overlap). Stage 2's zero2.json keeps it on: its adapters' gradients come all through the
                 backward (benchmarks/stage2_throughput.py).
   +dstimers     DeepSpeed's throughput timer on, its default (both JSONs have it off: it synchronizes the device at
                 every micro batch's forward and optimizer step, to time them).
+  +nooverflow   bf16's gradient overflow check off ("check_grad_overflow": false): DeepSpeed then no longer reads
+                a flag on the host before each optimizer step, but applies a step whose gradients hold inf or NaN.
   +devicelayout the caption ids and lengths are moved to the GPU with the features, so the token layout is built
                 there, with host syncs (how the step ran before the layout moved to the host).
   +compile      each LLM decoder layer compiled (torch.compile, dynamic shapes), as model.llm.compile_layers does;
@@ -64,6 +70,7 @@ from benchmarks.common import (  # noqa: E402
     attention_of,
     check_varlen_kernel,
     compile_decoder_layers,
+    configure_layers,
     deepspeed_config_of,
     error_row,
     extra_batches,
@@ -201,7 +208,7 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, accumulation: int, varia
     if not dist.is_initialized():
         init_distributed("nccl" if DEVICE.type == "cuda" else "gloo")
     model = AnyMAL(None, resampler, llm, bos, eos, pad, packing=True, max_caption_tokens=64)
-    model.prune_last_layer = "+full" not in variant
+    configure_layers(model, variant)
     trainer = Trainer(config, CaptionStage(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
     text_on_device = "+devicelayout" in variant
 

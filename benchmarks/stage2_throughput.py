@@ -24,6 +24,8 @@ Each run is VARIANT@MICRO_BATCH. Variants:
   +flex / +varlen   flex attention / PyTorch's variable-length flash attention over the packed row;
   +compile          each decoder layer compiled (dynamic shapes); it stays compiled for later runs of that model.
   +full             the last layer computes every row (by default it computes only the rows the loss reads).
+  +hflayers         HF's LlamaDecoderLayer runs each layer, instead of the layer spelled out over the packed row
+                    (pipeline/model/llama_layers.py; with adapters, q/k/v stay three projections).
   +dstimers         DeepSpeed's throughput timer on, as in stage1_throughput.py (ds_configs/zero2.json, stage 2's, has
                     it off and overlap_comm on); the pipeline runs of one process share one engine, so the first
                     pipeline run's settings hold for all.
@@ -52,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     attention_of,
     compile_decoder_layers,
+    configure_layers,
     deepspeed_config_of,
     error_row,
     extra_batches,
@@ -326,7 +329,7 @@ def main():
                 if variant.endswith("baseline"):
                     step = baseline_step(model)
                 else:
-                    model.prune_last_layer = "+full" not in variant
+                    configure_layers(model, variant)
                     trainer_step = trainer_step or pipeline_step(model, micro, variant)
                     step = trainer_step
                 run = measure(

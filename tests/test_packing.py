@@ -7,6 +7,7 @@ from transformers import AutoTokenizer
 
 from pipeline.config import ModelConfig
 from pipeline.model.anymal import IGNORE_INDEX, build_anymal, packed_caption_sequence
+from pipeline.model.llama_layers import FUSED_QKV, fuse_qkv
 
 
 def test_packed_layout_restarts_positions_and_labels_only_captions():
@@ -18,9 +19,14 @@ def test_packed_layout_restarts_positions_and_labels_only_captions():
     assert seq.labels[0][seq.labels[0] != IGNORE_INDEX].tolist() == [t for c in captions for t in c]
 
 
-@pytest.mark.parametrize("attn,prune", [("sdpa", False), ("varlen", False), ("varlen", True)])
-def test_packed_equals_padded_loss_and_gradients(tiny_models, attn, prune, monkeypatch):
-    """With varlen, `prune` runs the last layer only at the rows the loss reads (`pipeline/model/last_layer.py`)."""
+@pytest.mark.parametrize(
+    "attn,prune,packed_layers",
+    [("sdpa", False, False), ("varlen", False, True), ("varlen", True, True), ("varlen", True, False)],
+)
+def test_packed_equals_padded_loss_and_gradients(tiny_models, attn, prune, packed_layers, monkeypatch):
+    """With varlen, `packed_layers` runs LLaMA's layers spelled out, with q/k/v fused
+    (`pipeline/model/llama_layers.py`), else HF's layers; `prune` runs the last layer only at the rows the loss
+    reads. Padded rows always go through HF's layers, so each packed path is checked against them."""
     import pipeline.model.anymal as anymal
 
     pruned_calls = []
@@ -36,7 +42,7 @@ def test_packed_equals_padded_loss_and_gradients(tiny_models, attn, prune, monke
     config.resampler.head_dim = 16
     torch.manual_seed(0)
     model = build_anymal(config, tokenizer)
-    model.prune_last_layer = prune
+    model.prune_last_layer, model.packed_layers = prune, packed_layers
     generator = torch.Generator().manual_seed(1)
     lengths = torch.tensor([3, 9, 1, 6, 12])
     ids = torch.randint(0, 40, (int(lengths.sum()),), generator=generator)
@@ -57,6 +63,8 @@ def test_packed_equals_padded_loss_and_gradients(tiny_models, attn, prune, monke
             {n: p.grad.clone() for n, p in model.resampler.named_parameters()},
         )
     assert len(pruned_calls) == (1 if prune else 0)
+    fused = [hasattr(layer.self_attn, FUSED_QKV) for layer in model.llm.get_decoder().layers]
+    assert fused == [attn == "varlen" and packed_layers] * len(fused)
     padded_loss, padded_tokens, padded_grads = results[False]
     packed_loss, packed_tokens, packed_grads = results[True]
     assert padded_tokens == packed_tokens == int(lengths.sum())
@@ -124,3 +132,29 @@ def test_varlen_refuses_a_sample_longer_than_the_bound(tiny_models):
     }
     with pytest.raises(RuntimeError, match="longer than the configured maximum"):
         model.caption_loss(batch)
+
+
+def test_fused_qkv_weights_are_views_and_follow_a_move(tiny_models):
+    """Fusing keeps one copy of q/k/v (the projections' weights become its row blocks), keeps the state_dict as it
+    was, re-joins after the model is moved, and leaves adapted or trainable projections alone."""
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_models / "llm", dtype=torch.float32).requires_grad_(False)
+    attention = llm.get_decoder().layers[0].self_attn
+    before = {name: tensor.clone() for name, tensor in llm.state_dict().items()}
+    assert fuse_qkv(attention)
+    fused = getattr(attention, FUSED_QKV)
+    q_rows = attention.q_proj.weight.shape[0]
+    assert attention.q_proj.weight.data_ptr() == fused.data_ptr()
+    assert attention.k_proj.weight.data_ptr() == fused[q_rows:].data_ptr()
+    after = llm.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    llm.to(torch.float64)  # moves the buffer and the weights apart
+    assert fuse_qkv(attention) and getattr(attention, FUSED_QKV).dtype == torch.float64
+    assert (
+        attention.v_proj.weight.data_ptr() == getattr(attention, FUSED_QKV)[-attention.v_proj.out_features :].data_ptr()
+    )
+    other = llm.get_decoder().layers[1].self_attn
+    other.k_proj.weight.requires_grad_(True)
+    assert not fuse_qkv(other) and not hasattr(other, FUSED_QKV)

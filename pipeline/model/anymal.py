@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.model.attention import VARLEN, varlen_kwargs
-from pipeline.model.last_layer import last_layer_at_rows, supports_row_pruning
+from pipeline.model.llama_layers import FUSED_QKV, fuse_qkv, last_layer_at_rows, packed_layer, supports_packed_layers
 from pipeline.model.llm import load_llm
 from pipeline.model.resampler import PerceiverResampler
 from pipeline.model.vision import VisionTower, load_vision_tower
@@ -254,9 +254,12 @@ class AnyMAL(nn.Module):
         self.llm = llm
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.packing = packing
-        # Packed varlen rows: the last decoder layer computes only the rows the loss reads (`last_layer`).
+        # Packed varlen rows run LLaMA's layers spelled out (`pipeline.model.llama_layers`): frozen q/k/v as one
+        # GEMM, and the last layer only at the rows the loss reads. False runs HF's layers (benchmarks compare).
+        self.packed_layers = True
+        self.fuse_qkv = True
         self.prune_last_layer = True
-        self._last_layer_fn = None
+        self._layer_fns = None
         # Bounds on a sample's length (the data pipeline truncates to them); varlen attention is sized by them.
         self.max_caption_tokens, self.max_sequence_tokens = max_caption_tokens, max_sequence_tokens
 
@@ -381,7 +384,7 @@ class AnyMAL(nn.Module):
                     f"a packed sample of {longest} tokens is longer than the configured maximum "
                     f"({bound}: 1 + image tokens + model.max_caption_tokens, or max_sequence_tokens)"
                 )
-            if self.prune_last_layer and supports_row_pruning(decoder.layers[-1]):
+            if self.prune_last_layer and supports_packed_layers(decoder.layers[-1]):
                 layout.last_layer = last_layer_rows(layout.loss_positions, layout.cu_seq_lens[:-1].long())
         layout = layout.to(prefix.device)
         embeddings = self.embed(layout, prefix)
@@ -398,8 +401,38 @@ class AnyMAL(nn.Module):
         return self.supervised_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), layout.targets)
 
     def _packed_hidden(self, decoder, embeddings: torch.Tensor, layout: TokenLayout, bound: int) -> torch.Tensor:
-        """The decoder over a packed row, its sample boundaries passed to every layer's varlen attention. With
+        """The decoder over a packed row, each layer's varlen attention bounded by the samples' boundaries. With
         `layout.last_layer`, the last layer computes only the rows the loss reads: [1, Q, width] comes back."""
+        layers = decoder.layers
+        if not self.packed_layers or not all(supports_packed_layers(layer) for layer in layers):
+            return self._hf_packed_hidden(decoder, embeddings, layout, bound)
+        for layer in layers:
+            if self.fuse_qkv:
+                fuse_qkv(layer.self_attn)
+            elif hasattr(layer.self_attn, FUSED_QKV):
+                delattr(layer.self_attn, FUSED_QKV)  # the weights stay views of its storage, which they keep
+        layer_fn, last_layer_fn = self._layer_functions(layers[-1])
+        cos, sin = (table[0] for table in decoder.rotary_emb(embeddings, layout.position_ids))
+        hidden = embeddings[0]
+        pruned = layout.last_layer is not None
+        for layer in layers[:-1] if pruned else layers:
+            hidden = layer_fn(layer, hidden, cos, sin, layout.cu_seq_lens, bound)
+        if pruned:
+            hidden = last_layer_fn(layers[-1], hidden, cos, sin, layout.last_layer, bound)
+        return decoder.norm(hidden)[None]
+
+    def _layer_functions(self, layer):
+        """`packed_layer` and `last_layer_at_rows`, compiled when the LLM's layers are (model.llm.compile_layers):
+        one graph serves every layer, since dynamo treats a layer's weights as inputs."""
+        if self._layer_fns is None:
+            compiled = getattr(layer, "_compiled_call_impl", None) is not None
+            functions = (packed_layer, last_layer_at_rows)
+            self._layer_fns = tuple(torch.compile(fn, dynamic=True) for fn in functions) if compiled else functions
+        return self._layer_fns
+
+    def _hf_packed_hidden(self, decoder, embeddings: torch.Tensor, layout: TokenLayout, bound: int) -> torch.Tensor:
+        """HF's decoder layers over the packed row, the boundaries passed to their varlen attention as kwargs; the
+        last layer at the loss rows if `layout.last_layer` (LLaMA layers only)."""
         boundaries = varlen_kwargs(layout.cu_seq_lens, bound)
         if layout.last_layer is None:
             return decoder(
@@ -412,12 +445,10 @@ class AnyMAL(nn.Module):
             hidden = layer(
                 hidden, position_embeddings=position_embeddings, position_ids=layout.position_ids, **boundaries
             )
-        if self._last_layer_fn is None:
-            # The pruned layer runs the way the LLM's layers run: compiled when they are (model.llm.compile_layers).
-            compiled = getattr(layers[-1], "_compiled_call_impl", None) is not None
-            self._last_layer_fn = torch.compile(last_layer_at_rows, dynamic=True) if compiled else last_layer_at_rows
-        hidden = self._last_layer_fn(layers[-1], hidden, position_embeddings, layout.last_layer, bound)
-        return decoder.norm(hidden)
+        _, last_layer_fn = self._layer_functions(layers[-1])
+        cos, sin = (table[0] for table in position_embeddings)
+        hidden = last_layer_fn(layers[-1], hidden[0], cos, sin, layout.last_layer, bound)
+        return decoder.norm(hidden)[None]
 
     def supervised_loss(self, states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss of the hidden `states` [S, width] that predict `targets` [S], chunked through the
