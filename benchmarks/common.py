@@ -55,8 +55,9 @@ def configure_layers(model, variant: str) -> None:
 def deepspeed_config_of(variant: str, path: str) -> str:
     """The DeepSpeed JSON of a run: `path`, or a copy with DeepSpeed's defaults that the project's JSONs turn off put
     back (+overlap: ZeRO-2's overlap_comm, off for stage 1; +dstimers: the synchronizing throughput timer), or with
-    +nooverflow: bf16's gradient overflow check off (it reads a flag on the host before every optimizer step)."""
-    changes = ("+overlap", "+dstimers", "+nooverflow")
+    +nooverflow: bf16's gradient overflow check off (it reads a flag on the host before every optimizer step), or
+    +nogc: Python's automatic garbage collection off while the engine lives (DeepSpeed's disable_python_gc)."""
+    changes = ("+overlap", "+dstimers", "+nooverflow", "+nogc")
     if not any(change in variant for change in changes):
         return path
     ds = json.loads(Path(path).read_text())
@@ -66,6 +67,8 @@ def deepspeed_config_of(variant: str, path: str) -> str:
         ds.pop("timers", None)
     if "+nooverflow" in variant:
         ds["bf16"]["check_grad_overflow"] = False
+    if "+nogc" in variant:
+        ds["disable_python_gc"] = True
     out = Path(tempfile.mkdtemp()) / "zero2_variant.json"
     out.write_text(json.dumps(ds))
     return str(out)
@@ -84,25 +87,62 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class GcTimer:
+    """Python's garbage collections while it is on: how many and how long, per generation (`gc.callbacks`). A full
+    collection walks every object the process holds, compiled graphs included, and stops the host meanwhile."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self.by_generation: dict[int, list[float]] = {}
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        elif self.started is not None:
+            self.by_generation.setdefault(info["generation"], []).append(time.perf_counter() - self.started)
+            self.started = None
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        return {
+            f"gen{generation}": {"count": len(times), "ms": round(sum(times) * 1e3, 2)}
+            for generation, times in sorted(self.by_generation.items())
+        }
+
+
 def time_steps(
     step_fn, batches: list[dict], warmup: int, device: torch.device, warm_pass: bool = False
-) -> tuple[float, list]:
-    """Seconds for the batches after `warmup`, and every step's return value (e.g. its loss) as a number.
+) -> tuple[float, list, dict]:
+    """Seconds for the batches after `warmup`, every step's return value (e.g. its loss) as a number, and what the
+    host saw meanwhile: when each step returned (ms from the start) and Python's garbage collections.
 
     A step may return a device tensor: it is read after the clock stops, so that timing does not add a host sync
-    per step that the trainer does not have. `warm_pass` first runs the timed batches once untimed, so that per-shape
-    first-time costs (cuDNN attention plans, cuBLAS heuristics, compiled-shape guards) of a padded step whose length
-    changes every batch are paid before timing, as they are after the first few thousand steps of a real run."""
+    per step that the trainer does not have. The host runs ahead of the device, so a step's return time is when its
+    work was queued, not done; an outlier there is a host stall (a collection, a sync). `warm_pass` first runs the
+    timed batches once untimed, so that per-shape first-time costs (cuDNN attention plans, cuBLAS heuristics,
+    compiled-shape guards) of a padded step whose length changes every batch are paid before timing, as they are
+    after the first few thousand steps of a real run."""
     results = [step_fn(batch) for batch in batches[:warmup]]
     if warm_pass:
         for batch in batches[warmup:]:
             step_fn(batch)
     synchronize(device)
-    start = time.perf_counter()
-    results += [step_fn(batch) for batch in batches[warmup:]]
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    return seconds, [float(r) if torch.is_tensor(r) else r for r in results]
+    returned = []
+    with GcTimer() as collections:
+        start = time.perf_counter()
+        for batch in batches[warmup:]:
+            results.append(step_fn(batch))
+            returned.append(round((time.perf_counter() - start) * 1e3, 1))
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    host = {"step_returned_ms": returned, "gc": collections.summary()}
+    return seconds, [float(r) if torch.is_tensor(r) else r for r in results], host
 
 
 def extra_batches(profile: bool, trace: bool) -> int:
@@ -124,8 +164,8 @@ def measure(
     """One run's timing: {"seconds", "losses"}, plus "profile" (kernel time by category) and "idle" (the device's
     idle gaps, from a trace written to `trace`) over extra batches after the timed ones."""
     timed_until = warmup + steps
-    seconds, losses = time_steps(step_fn, batches[:timed_until], warmup, device, warm_pass=warm_pass)
-    out = {"seconds": seconds, "losses": losses}
+    seconds, losses, host = time_steps(step_fn, batches[:timed_until], warmup, device, warm_pass=warm_pass)
+    out = {"seconds": seconds, "losses": losses, "host": host}
     if profile:
         out["profile"] = profile_steps(step_fn, batches[timed_until : timed_until + 2], device)
     if trace is not None:
@@ -235,8 +275,8 @@ def save(results: dict, out: str) -> None:
 def record(results: dict, name: str, row: dict, out: str) -> None:
     """Add a finished run's row, print it (without its profile) and save the results so far."""
     results["variants"][name] = row
-    print(name, json.dumps({k: v for k, v in row.items() if k not in ("profile", "idle")}), flush=True)
-    for key in ("profile", "idle"):
+    print(name, json.dumps({k: v for k, v in row.items() if k not in ("profile", "idle", "host")}), flush=True)
+    for key in ("profile", "idle", "host"):
         if key in row:
             print(name, key, json.dumps(row[key]), flush=True)
     save(results, out)

@@ -33,6 +33,7 @@ Variants:
                 every micro batch's forward and optimizer step, to time them).
   +nooverflow   bf16's gradient overflow check off ("check_grad_overflow": false): DeepSpeed then no longer reads
                 a flag on the host before each optimizer step, but applies a step whose gradients hold inf or NaN.
+  +nogc         Python's automatic garbage collection off while the DeepSpeed engine lives ("disable_python_gc").
   +devicelayout the caption ids and lengths are moved to the GPU with the features, so the token layout is built
                 there, with host syncs (how the step ran before the layout moved to the host).
   +compile      each LLM decoder layer compiled (torch.compile, dynamic shapes), as model.llm.compile_layers does;
@@ -222,6 +223,7 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, accumulation: int, varia
         trainer.agreed_stop_signal()
         return totals[0] / totals[1]
 
+    step.close = trainer.engine.destroy  # its hooks keep the resampler and its optimizer state alive otherwise
     return step
 
 
@@ -275,6 +277,7 @@ def main():
         n_res = parameter_count(resampler)
         free_memory(DEVICE)
         llm.config._attn_implementation = attention_of(variant, args.attn)
+        step = None
         try:
             if "compile" in variant:
                 compile_decoder_layers(llm)
@@ -295,6 +298,8 @@ def main():
             results["variants"][name] = error_row(exc)
             print(name, results["variants"][name]["error"], flush=True)
             continue
+        finally:
+            getattr(step, "close", lambda: None)()
         seconds, samples = run["seconds"], args.steps * micro * acc
         tokens = sum(int(b["caption_lengths"].sum()) + b["caption_lengths"].numel() * (1 + latents) for b in timed)
         row = {
@@ -305,7 +310,7 @@ def main():
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None,
             "first_step_loss": run["losses"][0],
             "attention": llm.config._attn_implementation,
-            **{key: run[key] for key in ("profile", "idle") if key in run},
+            **{key: run[key] for key in ("profile", "idle", "host") if key in run},
         }
         record(results, name, row, args.out)
     baselines = [

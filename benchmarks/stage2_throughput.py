@@ -357,7 +357,7 @@ def main():
                 "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None,
                 "first_step_loss": run["losses"][0],
                 "attention": model.llm.config._attn_implementation,
-                **{key: run[key] for key in ("profile", "idle") if key in run},
+                **{key: run[key] for key in ("profile", "idle", "host") if key in run},
             }
             record(results, name, row, args.out)
         del model, initial, trainer_step

@@ -58,13 +58,13 @@ def fuse_qkv(attention) -> bool:
 
 
 def _are_row_blocks_of(fused: torch.Tensor, weights: list[torch.Tensor]) -> bool:
-    begin = 0
+    """Whether `weights` are `fused`'s consecutive row blocks (by address: this runs before every forward)."""
+    address, row_bytes = fused.data_ptr(), fused.stride(0) * fused.element_size()
     for weight in weights:
-        block = fused[begin : begin + weight.shape[0]]
-        if weight.device != fused.device or weight.dtype != fused.dtype or weight.data_ptr() != block.data_ptr():
+        if weight.data_ptr() != address or weight.device != fused.device or weight.dtype != fused.dtype:
             return False
-        begin += weight.shape[0]
-    return begin == fused.shape[0]
+        address += weight.shape[0] * row_bytes
+    return address == fused.data_ptr() + fused.shape[0] * row_bytes
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
