@@ -24,8 +24,9 @@ Each run is VARIANT@MICRO_BATCH. Variants:
   +flex / +varlen   flex attention / PyTorch's variable-length flash attention over the packed row;
   +compile          each decoder layer compiled (dynamic shapes); it stays compiled for later runs of that model.
   +full             the last layer computes every row (by default it computes only the rows the loss reads).
-  +hflayers         HF's LlamaDecoderLayer runs each layer, instead of the layer spelled out over the packed row
-                    (pipeline/model/llama_layers.py; with adapters, q/k/v stay three projections).
+  +unfused          the LLaMA layer spelled out over the packed row (pipeline/model/llama_layers.py), q/k/v through
+                    the adapters' three projections, instead of HF's layer. (Stage 1's frozen layers fuse q/k/v into
+                    one GEMM and run spelled out; adapted ones cannot fuse, so HF's layer is the default here.)
   +dstimers         DeepSpeed's throughput timer on, as in stage1_throughput.py (ds_configs/zero2.json, stage 2's, has
                     it off and overlap_comm on); the pipeline runs of one process share one engine, so the first
                     pipeline run's settings hold for all.

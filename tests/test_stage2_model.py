@@ -76,10 +76,14 @@ def conversation_batch(tokenizer, config, pixel_values) -> dict:
     return collate_conversations(samples)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
-def test_packed_equals_padded_loss_and_gradients(tiny_models, attn):
+@pytest.mark.parametrize("attn,fuse_qkv", [("sdpa", True), ("varlen", True), ("varlen", False)])
+def test_packed_equals_padded_loss_and_gradients(tiny_models, attn, fuse_qkv):
+    """Adapted q/k/v cannot fuse, so packed varlen rows run HF's layers; with `fuse_qkv` off they run the layer
+    spelled out (`pipeline/model/llama_layers.py`) through the adapters' projections. Both equal padded rows."""
     config = stage2_config(tiny_models, f"model.llm.attn_implementation={attn}")
     model, tokenizer = stage2_model(config)
+    model.fuse_qkv = fuse_qkv
+    assert model._spelled_out_layers(model.llm.get_decoder().layers) == (not fuse_qkv)
     pixels = CLIPImageProcessor.from_pretrained(tiny_models / "clip")(images=images(3), return_tensors="pt")
     batch = conversation_batch(tokenizer, config, pixels["pixel_values"])
     results = {}

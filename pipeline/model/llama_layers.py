@@ -5,16 +5,17 @@ through the varlen kernel (`attend_spans`). Spelling the layer out does two thin
 
 - **Fused q/k/v** (`fuse_qkv`): a frozen layer's three projections run as one GEMM against one
   [(heads + 2 kv_heads) * head_dim, width] weight, and the three `nn.Linear` weights become views of it, so memory
-  does not grow. On an H200 at stage 1's 10.6K rows the three GEMMs take 1.51 ms per layer, the fused one 1.34
-  (`benchmarks/llm_projections.py`). Layers with adapters (stage 2's LoRA), quantized weights or biases keep their
-  own projections.
+  does not grow. On an H200 at stage 1's 10.6K rows that cut the step's kernel time from 520.5 to 510.5 ms
+  (`benchmarks/results/stage1_throughput_h200_layers.json`). Layers with adapters (stage 2's LoRA), quantized
+  weights or biases cannot fuse; the packed forward then runs HF's layers (`AnyMAL._spelled_out_layers`).
 - **The last layer at the loss rows** (`last_layer_at_rows`): the loss reads only the positions that predict a
   supervised token (in stage 1 a caption's, against the 65 BOS and image positions before them), so the last layer
   computes keys and values up to the end of each sample's loss positions, and queries, attention output, residual
   and MLP only over those positions (`LastLayerRows`). That saves ~78% of one layer of 32 in stage 1.
 
 Both equal HF's `LlamaDecoderLayer` at the rows they return (tests/test_packing.py compares them with the padded
-layout through HF's layers). Other layer types run through HF's decoder (`supports_packed_layers`).
+layout through HF's layers). `last_layer_at_rows` also serves HF's layers (stage 2, with adapters). Other layer
+types run whole through HF's decoder (`supports_packed_layers`).
 """
 
 from __future__ import annotations
