@@ -134,9 +134,10 @@ def test_varlen_refuses_a_sample_longer_than_the_bound(tiny_models):
         model.caption_loss(batch)
 
 
-def test_fused_qkv_weights_are_views_and_follow_a_move(tiny_models):
+def test_fused_qkv_weights_are_views_and_follow_a_move(tiny_models, tmp_path):
     """Fusing keeps one copy of q/k/v (the projections' weights become its row blocks), keeps the state_dict as it
-    was, re-joins after the model is moved, and leaves adapted or trainable projections alone."""
+    was (and save_pretrained's checkpoint), re-joins after the model is moved, and leaves adapted or trainable
+    projections alone."""
     from transformers import AutoModelForCausalLM
 
     llm = AutoModelForCausalLM.from_pretrained(tiny_models / "llm", dtype=torch.float32).requires_grad_(False)
@@ -150,6 +151,9 @@ def test_fused_qkv_weights_are_views_and_follow_a_move(tiny_models):
     after = llm.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    llm.save_pretrained(tmp_path / "fused")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.float32).state_dict()
+    assert all(torch.equal(reloaded[name], tensor) for name, tensor in before.items())
     llm.to(torch.float64)  # moves the buffer and the weights apart
     assert fuse_qkv(attention) and getattr(attention, FUSED_QKV).dtype == torch.float64
     assert (
