@@ -273,7 +273,12 @@ def save(results: dict, out: str) -> None:
 
 
 def record(results: dict, name: str, row: dict, out: str) -> None:
-    """Add a finished run's row, print it (without its profile) and save the results so far."""
+    """Add a finished run's row, print it (without its profile) and save the results so far. A repeated run is
+    kept as NAME#2, NAME#3, ..."""
+    key, repeat = name, 2
+    while key in results["variants"]:
+        key, repeat = f"{name}#{repeat}", repeat + 1
+    name = key
     results["variants"][name] = row
     print(name, json.dumps({k: v for k, v in row.items() if k not in ("profile", "idle", "host")}), flush=True)
     for key in ("profile", "idle", "host"):
