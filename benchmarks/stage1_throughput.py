@@ -24,7 +24,7 @@ Variants:
   +full         the last layer computes every row.
   +hflayers     HF's LlamaDecoderLayer runs each layer (the boundaries passed as kwargs), instead of the layer
                 spelled out over the packed row with q/k/v as one GEMM (pipeline/model/llama_layers.py).
-  +unfused      the spelled-out layer with q/k/v as three GEMMs (what stage 2's adapted layers would run).
+  +unfused      the spelled-out layer with q/k/v as three GEMMs (as adapted layers would run it; stage 2 runs HF's).
   +overlap      ZeRO-2's overlap_comm on (stage 1's ds_configs/zero2_stage1.json has it off: it synchronizes the
                 device after every micro batch's backward, and the resampler's gradients come last, with nothing
                 left to overlap). Stage 2's zero2.json keeps it on: its adapters' gradients come all through the
