@@ -266,6 +266,12 @@ def error_row(exc: BaseException) -> dict:
     return {"error": f"{type(exc).__name__}: {exc}"[:500], "traceback": traceback.format_exc()[-2000:]}
 
 
+def record_failure(results: dict, name: str, exc: BaseException) -> None:
+    """Keep a run that failed as its error row, and print it; the script goes on to the next run."""
+    results["variants"][name] = error_row(exc)
+    print(name, results["variants"][name]["error"], flush=True)
+
+
 def save(results: dict, out: str) -> None:
     """Write the results so far (after every run, so a run cut short still leaves the finished ones)."""
     if out:

@@ -73,7 +73,6 @@ from benchmarks.common import (  # noqa: E402
     compile_decoder_layers,
     configure_layers,
     deepspeed_config_of,
-    error_row,
     extra_batches,
     free_memory,
     measure,
@@ -81,6 +80,7 @@ from benchmarks.common import (  # noqa: E402
     pinned,
     print_table,
     record,
+    record_failure,
     save,
     trace_path,
 )
@@ -295,8 +295,7 @@ def main():
                 trace=trace_path(args.trace, name),
             )
         except Exception as exc:  # noqa: BLE001 - record the failure and go on to the next run
-            results["variants"][name] = error_row(exc)
-            print(name, results["variants"][name]["error"], flush=True)
+            record_failure(results, name, exc)
             continue
         finally:
             getattr(step, "close", lambda: None)()

@@ -57,7 +57,6 @@ from benchmarks.common import (  # noqa: E402
     compile_decoder_layers,
     configure_layers,
     deepspeed_config_of,
-    error_row,
     extra_batches,
     free_memory,
     measure,
@@ -65,6 +64,7 @@ from benchmarks.common import (  # noqa: E402
     pinned,
     print_table,
     record,
+    record_failure,
     save,
     trace_path,
 )
@@ -344,8 +344,7 @@ def main():
                     warm_pass=args.warm_pass,
                 )
             except Exception as exc:  # noqa: BLE001 - record the failure and go on to the next run
-                results["variants"][name] = error_row(exc)
-                print(name, results["variants"][name]["error"], flush=True)
+                record_failure(results, name, exc)
                 free_memory(DEVICE)
                 continue
             seconds = run["seconds"]
