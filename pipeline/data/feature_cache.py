@@ -411,9 +411,9 @@ def default_device(env=os.environ) -> torch.device:
 
 
 def default_num_workers(env=os.environ) -> int:
-    """Five eighths of the cores per GPU (10 of 16). On a 16-core H100 host 8 workers decoded ~2,400 images/s, the
-    bare tower's rate, while 12 began to starve the writers, which need about two cores (sha256 and page-cache
-    copies of ~1.2 GB/s), and the main process. The job's last log line says which side the tower waited for."""
+    """Five eighths of the cores per GPU (10 of 16): enough decode workers to keep up with the tower, while the
+    writer threads (sha256 and page-cache copies) keep about two cores and the main process one; more workers starved
+    the writers (docs/performance.md). The job's last log line says which side the tower waited for."""
     cpus = len(os.sched_getaffinity(0)) // max(1, int(env.get("LOCAL_WORLD_SIZE", 1)))
     return max(1, cpus * 5 // 8)
 

@@ -10,8 +10,8 @@ to the attention function of every layer. The maximum sample length passed is th
 batch's own maximum, so it is a constant and compiled layers are not re-specialised for every batch.
 
 `attend_spans` is the one entry to the kernel: the layers' attention passes equal query and key spans per sample;
-the pruned last layer (`pipeline.model.last_layer`) passes query spans shorter than, and aligned with the end of,
-their key spans, which is flash attention's bottom-right causal alignment.
+the pruned last layer (`last_layer_at_rows` in `pipeline.model.llama_layers`) passes query spans shorter than, and
+aligned with the end of, their key spans, which is flash attention's bottom-right causal alignment.
 
 Everything else falls back to SDPA: padded rows and generation (with their masks), and the CPU, where the packed
 case runs SDPA under the equivalent mask (`_span_mask`) so that the tests check the same boundaries.

@@ -5,9 +5,9 @@ through the varlen kernel (`attend_spans`). Spelling the layer out does two thin
 
 - **Fused q/k/v** (`fuse_qkv`): a frozen layer's three projections run as one GEMM against one
   [(heads + 2 kv_heads) * head_dim, width] weight, and the three `nn.Linear` weights become views of it, so memory
-  does not grow. On an H200 at stage 1's 10.6K rows that cut the step's kernel time from 520.5 to 510.5 ms
-  (`benchmarks/results/stage1_throughput_h200_layers.json`). Layers with adapters (stage 2's LoRA), quantized
-  weights or biases cannot fuse; the packed forward then runs HF's layers (`AnyMAL._spelled_out_layers`).
+  does not grow; one larger GEMM shortens stage 1's kernel time per step (docs/performance.md). Layers with
+  adapters (stage 2's LoRA), quantized weights or biases cannot fuse; the packed forward then runs HF's layers
+  (`AnyMAL._spelled_out_layers`).
 - **The last layer at the loss rows** (`last_layer_at_rows`): the loss reads only the positions that predict a
   supervised token (in stage 1 a caption's, against the 65 BOS and image positions before them), so the last layer
   computes keys and values up to the end of each sample's loss positions, and queries, attention output, residual

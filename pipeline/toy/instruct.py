@@ -9,16 +9,16 @@ the others get a short sentence. The JSON goes through the same converter as LLa
 Every question kind has phrasings used in training and phrasings held out from it (new combinations of the words
 of the training phrasings: "what colour is the object ?" is held out, "what colour is the shape ?" and "what is the
 colour of the object ?" are not). In training, neither spelling of colour and neither sentence form goes with only
-one of the two colour questions, so only the noun (shape, object or background) tells them apart; when "what is the
-color of ..." was only ever asked of the background, the held-out "what is the color of the shape ?" was answered
-with the background's colour (held-out colour accuracy 0.30 and background 0.13 in one run).
+one of the two colour questions, so only the noun (shape, object or background) tells them apart; if "what is the
+color of ..." were only ever asked of the background, the held-out "what is the color of the shape ?" would be
+answered with the background's colour (docs/performance.md).
 `write_vqa_files` asks the held-out phrasings about held-out images, in the VQA
 questions/annotations format that `pipeline.eval --task vqa` and `evaluate_vqa` read (ten identical human answers per
 question, so an answer scores 1 or 0; counts as digits, as in VQAv2's annotations, which the metric's normalisation
 of answers expects).
 
 The world has one shape, always centred, so position and count questions have one answer ("centre", "one"): the
-random vision tower cannot see the shape of off-centre objects (shared/notes/toy-world-findings.md).
+random vision tower cannot see the shape of off-centre objects (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ SHORT_ANSWER = PROMPT_TEMPLATES["vqa"].split("\n", 1)[1]
 
 
 # How often each kind is asked in training: the shape's colour and the background's colour share their answers, so
-# telling them apart takes the most examples (at 3:3:2:2:1:1 a 480-step demo answered them at 0.54 and 0.53; at
-# 6:6:2:2:0.5:0.5, 0.83 and 0.89 on the same stage-1 run); count and position always have the same answer.
+# telling them apart takes the most examples (the mixes compared: docs/performance.md); count and position always
+# have the same answer.
 TRAINING_WEIGHTS = {"colour": 6.0, "background": 6.0, "shape": 2.0, "size": 2.0, "count": 0.5, "position": 0.5}
 
 
