@@ -1,4 +1,4 @@
-"""Must-show 1: each downloader against a loopback server that serves small stand-in files and injects faults.
+"""Each downloader resumes, verifies and fails with one line, against a loopback server that injects faults.
 
 The server honours Range / If-Range like a real one and, on request, drops a connection mid-body, corrupts the
 body, or answers 404 / 500; a fake Hub stands in for huggingface.co. Every test runs under the network guard

@@ -1,4 +1,4 @@
-"""Cached CLIP features (issue 3): the caching job, its restart and `verify`, and stage 1 trained from its shards.
+"""Cached CLIP features: the caching job, its restart and `verify`, and stage 1 trained from its shards.
 
 Tiny CLIP (64 px, [65, 128] features) and toy-world shards from conftest; the job runs in-process where only its
 output matters, and as `python -m pipeline.data.feature_cache` where it is killed and restarted.

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_real_recipe_shapes_on_meta_device():
-    """Must-show (e): 8.03B LLM parameters; the resampler maps [B,257,1024] to [B,64,4096]."""
+    """The 8B recipe builds an 8.03B-parameter LLM, and its resampler maps [B,257,1024] to [B,64,4096]."""
     config = load_config(ROOT / "configs/stage1_8b.yaml")
     with torch.device("meta"):
         llm = LlamaForCausalLM(llama3_8b_config())
@@ -43,7 +43,7 @@ def test_mfu_counts_the_body_at_every_token_and_the_head_at_supervised_tokens():
 
 
 def test_only_caption_tokens_and_eos_carry_labels():
-    """Must-show (f): BOS and the image prefix are never supervised; each caption token and its EOS is."""
+    """BOS and the image prefix are never supervised; each caption token and its EOS is."""
     bos, eos, pad, latents = 1, 2, 0, 4
     captions = [[5, 6, eos], [7, eos], [8, 9, 10, 11, eos]]
     ids = torch.tensor([t for c in captions for t in c])

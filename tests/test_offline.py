@@ -1,4 +1,4 @@
-"""Must-show 2: with HF_HUB_OFFLINE=1 and local model paths, toy stage 1 runs with every network call refused.
+"""With HF_HUB_OFFLINE=1 and local model paths, toy stage 1 runs with every network call refused.
 
 The proof is tests/network_guard: on PYTHONPATH it is the interpreter's `sitecustomize`, which refuses any
 non-loopback connect, datagram or name lookup before it happens and records it. The training run must succeed

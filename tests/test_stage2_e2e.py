@@ -1,7 +1,6 @@
 """Stage 2 through its real entry points on tiny models and toy conversation shards (converted from LLaVA format):
-a resumed run reproduces the uninterrupted run's losses (issue 4, must-show 3), the finished run exports and writes
-FINISHED, and `python -m pipeline.eval --task vqa` scores it on toy VQA files (issue 7: the toy VQA evaluation runs in
-make test)."""
+a resumed run reproduces the uninterrupted run's losses, the finished run exports and writes FINISHED, and
+`python -m pipeline.eval --task vqa` scores it on toy VQA files."""
 
 import json
 import os

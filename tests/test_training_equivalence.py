@@ -1,4 +1,4 @@
-"""Must-show (a): the same global batch gives the same resampler update whatever the split.
+"""The same global batch gives the same resampler update whatever its split into ranks and micro batches.
 
 Four runs of two optimizer steps on identical global batches of 16 captions of different lengths:
 1 rank x micro 16 (no accumulation), 1 rank x micro 4 (accumulation 4), 2 ranks x micro 8, 2 ranks x micro 4
