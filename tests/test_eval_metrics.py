@@ -17,41 +17,69 @@ from pipeline.evaluation.runner import GenerationItem, generate_all
 from pipeline.evaluation.vqa_metric import normalize_answer, vqa_accuracy, vqa_scores
 
 # ---------------------------------------------------------------------------------------------------------------
-# VQA accuracy. With k of the 10 humans matching, leaving out a matching human leaves k - 1 matches and leaving out
-# another leaves k, and each subset scores min(matches / 3, 1).
+# VQA accuracy, worked by hand from the official script's rules. With k of 10 answer records matching, leaving out a
+# matching record leaves k - 1 matches and leaving out another leaves k; each subset scores min(matches / 3, 1):
+# k = 0 -> 0, 1 -> 9 * (1/3) / 10 = 0.3, 2 -> (2 * (1/3) + 8 * (2/3)) / 10 = 0.6, 3 -> (3 * (2/3) + 7) / 10 = 0.9,
+# k >= 4 -> 1. "Split" humans do not all give the same answer (after whitespace cleaning): then both sides are
+# normalised; "unanimous" humans all give one answer: then the prediction is only whitespace-cleaned.
 
-VQA_CASES = [
-    # 10 of 10: every subset has 9 matches -> 1.  "!" touches no space, so it becomes a space that split() drops.
-    ("Yes!", ["yes"] * 10, 1.0),
-    # "The two" -> lower-case, "two" -> "2", article "the" dropped -> "2". 2 of 10 match:
-    # (8 * (2/3) + 2 * (1/3)) / 10 = 0.6
-    ("The two", ["2", "2", *["3"] * 8], 0.6),
-    # "2.5." keeps the period before a digit and drops the last one -> "2.5". 1 of 10 matches:
-    # (9 * (1/3) + 1 * 0) / 10 = 0.3
-    ("2.5.", ["2.5", *["3"] * 9], 0.3),
-    # A comma between digits makes every mark vanish: "1,000" -> "1000". 2 of 10 match -> 0.6 as above.
-    ("1,000", ["1000", "1000", *["100"] * 8], 0.6),
-    # "Dont know" -> "dont" gets its apostrophe back -> "don't know". 3 of 10 match:
-    # (3 * (2/3) + 7 * 1) / 10 = 0.9
-    ("Dont know", ["don't know"] * 3 + ["no"] * 7, 0.9),
-    # "/" touches no space -> "black white"; "an" is dropped. 4 of 10 match: every subset has >= 3 -> 1.0
-    ("an black/white", ["black white"] * 4 + ["gray"] * 6, 1.0),
-    # " ," touches a space, so it is deleted, leaving a double space that split() drops -> "red white". The humans
-    # disagree, so theirs get punctuation processing too: "red, white" -> "red white". 2 of 10 match -> 0.6
-    ("red , white", ["red white", "red, white", *["red"] * 8], 0.6),
-    # Humans who disagree get punctuation processing: "t-shirt" -> "t shirt" on both sides. 5 of 10 -> 1.0
-    ("t-shirt", ["t-shirt"] * 5 + ["shirt"] * 5, 1.0),
-    # Unanimous humans are left as they are (official behaviour): "t shirt" never equals "t-shirt" -> 0.0
-    ("t-shirt", ["t-shirt"] * 10, 0.0),
-    # "None" -> "0". 1 of 10 matches -> 0.3
-    ("None", ["0", *["1"] * 9], 0.3),
-    # No human gave it -> 0
-    ("blue", ["red"] * 10, 0.0),
-]
+VQA_CASES = {
+    # Unanimous versus split humans
+    "unanimous: case is not folded": ("Yes", ["yes"] * 10, 0.0),
+    "unanimous: exact answer": ("yes", ["yes"] * 10, 1.0),
+    "unanimous: hyphen compared as is": ("t-shirt", ["t-shirt"] * 10, 1.0),
+    "unanimous: no punctuation processing": ("t shirt", ["t-shirt"] * 10, 0.0),
+    "split: case folded, 9 match": ("Yes", ["yes"] * 9 + ["no"], 1.0),
+    "split: hyphen spaced on both sides, 5 match": ("t-shirt", ["t-shirt"] * 5 + ["shirt"] * 5, 1.0),
+    # Whitespace in human answers: cleaned first, so it decides unanimity
+    "human spaces stripped: 6 of 10 'yes'": ("yes", [" yes"] * 6 + ["no"] * 4, 1.0),
+    "human tab and newline stripped: unanimous, so case is not folded": ("Yes", ["yes\n"] * 5 + ["\tyes"] * 5, 0.0),
+    "prediction and humans stripped, unanimous": (" yes\t", [" yes "] * 10, 1.0),
+    # Number words
+    "split: 'two' -> '2', 2 match": ("two", ["2"] * 2 + ["3"] * 8, 0.6),
+    "unanimous: 'two' is not '2'": ("two", ["2"] * 10, 0.0),
+    "split: human number words too, 3 match": ("2", ["two"] * 3 + ["three"] * 7, 0.9),
+    "split: 'None' -> '0', 1 matches": ("None", ["0"] + ["1"] * 9, 0.3),
+    # Articles
+    "split: prediction's article dropped, 4 match": ("a dog", ["dog"] * 4 + ["cat"] * 6, 1.0),
+    "split: human's article dropped, 1 matches": ("dog", ["the dog"] + ["cat"] * 9, 0.3),
+    "unanimous: article kept": ("apple", ["an apple"] * 10, 0.0),
+    # Contractions
+    "split: 'dont' gets its apostrophe, 3 match": ("dont know", ["don't know"] * 3 + ["no"] * 7, 0.9),
+    "split: human 'dont' too, 2 match": ("don't", ["dont"] * 2 + ["yes"] * 8, 0.6),
+    "split: the table's 'Im' never matches a lower-cased word": ("Im", ["i'm"] * 5 + ["no"] * 5, 0.0),
+    # Punctuation, periods in decimals, commas in numbers
+    "unanimous: final period kept": ("yes.", ["yes"] * 10, 0.0),
+    "split: final period removed": ("yes.", ["yes"] * 9 + ["no"], 1.0),
+    "split: '!' spaced, then dropped by the split, 3 match": ("Yes!", ["yes"] * 3 + ["no"] * 7, 0.9),
+    "split: period before a digit kept, 2 match": ("2.5", ["2.5"] * 2 + ["3"] * 8, 0.6),
+    "split: final period of a decimal removed, 1 matches": ("2.5.", ["2.5"] + ["3"] * 9, 0.3),
+    "split: digit,digit removes every mark, 3 match": ("1,000", ["1000"] * 3 + ["100"] * 7, 0.9),
+    "split: human '1,000' -> '1000', 2 match": ("1000", ["1,000"] * 2 + ["100"] * 8, 0.6),
+    "split: comma between letters becomes a space, 2 match": ("red,white", ["red white"] * 2 + ["red"] * 8, 0.6),
+    "split: marks touching a space are deleted": ("red , white", ["red white", "red, white", *["red"] * 8], 0.6),
+    "split: slash becomes a space, 4 match": ("black/white", ["black white"] * 4 + ["gray"] * 6, 1.0),
+    "split: apostrophe is not punctuation": ("dog's", ["dogs"] * 5 + ["dog"] * 5, 0.0),
+    # Empty prediction
+    "empty prediction, unanimous humans": ("", ["yes"] * 10, 0.0),
+    "empty prediction, split humans": ("", ["yes"] * 5 + ["no"] * 5, 0.0),
+    "empty prediction matches humans who answered an article, 3 match": ("", ["the"] * 3 + ["no"] * 7, 0.9),
+    # The leave-one-out mean is over the records there are
+    "two records: leave 'yes' out -> 0, leave 'no' out -> 1/3": ("yes", ["yes", "no"], 1 / 6),
+    "no human gave it": ("blue", ["red"] * 10, 0.0),
+    # Python 2 semantics of the official script
+    "Arabic-Indic digits are not \\d: the comma becomes a space": ("١,٢", ["١ ٢"] * 2 + ["x"] * 8, 0.6),
+    "Arabic-Indic digit after a period: the period goes": ("٣.٥", ["٣٥"] * 3 + ["x"] * 7, 0.9),
+    "'İ' lower-cases to 'i'": ("İstanbul", ["istanbul"] * 3 + ["ankara"] * 7, 0.9),
+    "a final 'Σ' lower-cases to 'σ'": ("ΟΔΟΣ", ["οδοσ"] * 3 + ["x"] * 7, 0.9),
+    "U+180E is whitespace to strip": ("yes\u180e", ["yes"] * 10, 1.0),
+}
 
 
-@pytest.mark.parametrize(("prediction", "humans", "expected"), VQA_CASES)
-def test_vqa_accuracy_matches_hand_worked_values(prediction, humans, expected):
+@pytest.mark.parametrize("name", list(VQA_CASES))
+def test_vqa_accuracy_matches_hand_worked_values(name):
+    """Each case's expected accuracy follows from the official rules as worked out in its name and above."""
+    prediction, humans, expected = VQA_CASES[name]
     assert vqa_accuracy(prediction, humans) == pytest.approx(expected, abs=1e-12)
 
 
@@ -63,27 +91,39 @@ def test_vqa_accuracy_matches_hand_worked_values(prediction, humans, expected):
         ("A (big) dog", "big dog"),  # " (" and ") " touch spaces: both deleted; "a" dropped
         ("ten o'clock.", "10 o'clock"),  # "'" is not punctuation here; the final period goes
         ("3.14", "3.14"),
+        ("1,000.5 (approx)", "1000.5 approx"),  # "digit,digit" deletes every mark, the brackets included
         ("." * 40 + "x", "." * 8 + "x"),  # the official script removes at most 32 periods
     ],
 )
-def test_answer_normalisation(raw, normalised):
+def test_answer_normalisation_when_humans_disagree(raw, normalised):
     assert normalize_answer(raw) == normalised
 
 
 def test_vqa_scores_average_and_group_per_type():
     answers = {1: ["yes"] * 10, 2: ["2", "2", *["3"] * 8], 3: ["red"] * 10}
-    predictions = {1: "yes", 2: "two", 3: "blue"}  # 1.0, 0.6, 0.0
+    predictions = {1: "yes", 2: "two", 3: "Red"}  # 1.0, 0.6, 0.0 (unanimous humans: case is not folded)
     scores = vqa_scores(
         predictions,
         answers,
         answer_types={1: "yes/no", 2: "number", 3: "other"},
         question_types={1: "is", 2: "how many", 3: "what color"},
     )
-    assert scores["accuracy"] == pytest.approx(100 * 1.6 / 3, abs=0.005)  # 53.33
+    assert scores["accuracy"] == 53.33  # 100 * 1.6 / 3 = 53.333...
     assert scores["per_answer_type"] == {"number": 60.0, "other": 0.0, "yes/no": 100.0}
+    assert scores["per_question_type"] == {"how many": 60.0, "is": 100.0, "what color": 0.0}
     assert scores["per_question"] == pytest.approx({1: 1.0, 2: 0.6, 3: 0.0})
     with pytest.raises(ValueError, match="no predicted answer"):
         vqa_scores({1: "yes"}, answers)
+
+
+def test_vqa_scores_round_halves_away_from_zero_as_python2_does():
+    """497 of 800 right is exactly 62.125 percent: Python 2's round gives 62.13, Python 3's 62.12."""
+    answers = {key: ["yes"] * 10 for key in range(800)}
+    predictions = {key: "yes" if key < 497 else "no" for key in range(800)}
+    assert vqa_scores(predictions, answers)["accuracy"] == 62.13
+    assert round(62.125, 2) == 62.12  # what a Python 3 round would have reported
+    predictions = {key: "yes" if key < 499 else "no" for key in range(800)}  # 62.375 -> 62.38
+    assert vqa_scores(predictions, answers)["accuracy"] == 62.38
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,12 +343,14 @@ def test_vqa_formats_read_and_write_submissions(tmp_path):
         (tmp_path / name).write_text(json.dumps(value))
 
     def answer(images_, prompts):
-        return ["Two." if "How many" in p else "Unanswerable" if "insufficient" in p else "Red" for p in prompts]
+        return ["Two." if "How many" in p else " unanswerable" if "insufficient" in p else "Red" for p in prompts]
 
     vqa = benchmarks.read_vqa_benchmark(images, tmp_path / "q.json", tmp_path / "a.json")
     metrics = benchmarks.evaluate_vqa(vqa, answer, tmp_path / "vqa", batch_size=2)
-    # "Two." -> "2": 2 of 10 humans -> 0.6; "Red" -> "red": 10 of 10 -> 1.0; mean 80.0
-    assert metrics["accuracy"] == 80.0 and metrics["per_answer_type"] == {"number": 60.0, "other": 100.0}
+    # Split humans: "Two." -> "2", 2 of 10 -> 0.6. Ten "red": "Red" is compared as it is -> 0.0. Mean 30.0.
+    assert metrics["accuracy"] == 30.0 and metrics["per_answer_type"] == {"number": 60.0, "other": 0.0}
+    assert metrics["per_question_type"] == {"how many": 60.0, "what color": 0.0}
+    # Submissions hold the answers as generated (first line, stripped), not as the metric normalises them.
     submission = json.loads((tmp_path / "vqa" / "predictions.json").read_text())
     assert submission == [{"question_id": 420, "answer": "Two."}, {"question_id": 70, "answer": "Red"}]
     assert vqa.image_paths[420].endswith("COCO_val2014_000000000042.jpg")
@@ -318,7 +360,7 @@ def test_vqa_formats_read_and_write_submissions(tmp_path):
     viz = benchmarks.read_vqa_benchmark(images, annotations=tmp_path / "v.json")
     assert benchmarks.evaluate_vqa(viz, answer, tmp_path / "viz", batch_size=2)["accuracy"] == 100.0
     submission = json.loads((tmp_path / "viz" / "predictions.json").read_text())
-    assert submission == [{"image": "VizWiz_val_0001.jpg", "answer": "Unanswerable"}]
+    assert submission == [{"image": "VizWiz_val_0001.jpg", "answer": "unanswerable"}]
 
     with pytest.raises(FileNotFoundError, match="--image-pattern"):
         benchmarks.read_vqa_benchmark(images, tmp_path / "q.json", image_pattern="{image_id:012d}.jpg")

@@ -1,5 +1,5 @@
 """Stage-2 data: the LLaVA converter (bad records reported and counted, never a crash), the toy instruction data
-that goes through it, and the toy VQA files scored by the issue-7 harness."""
+that goes through it, and the toy VQA files scored by the evaluation harness."""
 
 import json
 import random
@@ -116,15 +116,23 @@ def test_toy_vqa_files_score_with_the_harness(tmp_path, toy_world):
     truth = [benchmark.answers[key][0] for key in benchmark.questions]  # one process: items come in order
     remaining = iter(truth)
 
-    def oracle(images, batch_prompts):  # the humans' answer, written as models write it
+    def oracle(images, batch_prompts):  # the humans' answer, with the whitespace a model may add around it
         prompts.extend(batch_prompts)
-        answers = [next(remaining) for _ in batch_prompts]
-        return [answer.title() if answer in ("yes", "no") else f"The {answer}." for answer in answers]
+        return [f" {next(remaining)}\n" for _ in batch_prompts]
 
     result = evaluate_vqa(benchmark, oracle, tmp_path / "out", batch_size=5)
     assert result["n"] == 24 and result["accuracy"] == 100.0
     assert [prompt.split("\n")[0] for prompt in prompts] == list(benchmark.questions.values())
     assert all(prompt.endswith("\nAnswer the question using a single word or phrase.") for prompt in prompts)
+
+    # The ten human answers of a toy question agree, so the official script compares the prediction as it is:
+    # the right answer capitalised or with a final period scores 0.
+    dressed = iter(truth)
+
+    def dressed_up(images, batch_prompts):
+        return [f"{next(dressed).title()}." for _ in batch_prompts]
+
+    assert evaluate_vqa(benchmark, dressed_up, tmp_path / "dressed", batch_size=5)["accuracy"] == 0.0
 
     def wrong(images, batch_prompts):
         return ["purple" for _ in batch_prompts]

@@ -6,7 +6,8 @@ Captioning reads Karpathy's `dataset_coco.json` (one split of it, "test" by defa
     only predictions are written;
   - TextVQA's single file ({"data": [...]}, ten answer strings per question);
   - VizWiz's single file (a list keyed by image name, which is also its submission key).
-All four score with the official VQA accuracy (`vqa_metric`).
+All four are scored by the rules of VQAv2's official evaluation script (`vqa_metric`, whose docstring says how
+TextVQA's and VizWiz's own evaluators differ); their servers score the raw `predictions.json` themselves.
 
 Each benchmark writes `predictions.json` in its submission format (captions: [{"image_id", "caption"}];
 VQA: [{"question_id", "answer"}]; VizWiz: [{"image", "answer"}]), `metrics.json`, and for VQA `answers.jsonl`
@@ -133,7 +134,9 @@ def _read_vqa_format(questions, annotations, images_dir: Path, pattern: str) -> 
         missing = [key for key in records if key not in by_question]
         if missing:
             raise ValueError(f"{annotations} lacks {len(missing)} questions of {questions} (first: {missing[0]})")
-        benchmark.answers = {key: [a["answer"] for a in by_question[key]["answers"]] for key in records}
+        # In the annotation file's order, the order in which the official script sums the questions' accuracies.
+        scored = [key for key in by_question if key in records]
+        benchmark.answers = {key: [a["answer"] for a in by_question[key]["answers"]] for key in scored}
         benchmark.answer_types = {key: by_question[key].get("answer_type", "") for key in records}
         benchmark.question_types = {key: by_question[key].get("question_type", "") for key in records}
     return benchmark

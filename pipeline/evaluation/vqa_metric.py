@@ -1,24 +1,54 @@
-"""The VQA accuracy metric as the official VQA evaluation script (GT-Vision-Lab/VQA, `vqaEval.py`) defines it.
+"""VQA accuracy exactly as the official VQA evaluation script computes it.
 
-VQAv2, OK-VQA, TextVQA and VizWiz all score an answer against the ten human answers of its question:
+The reference is GT-Vision-Lab/VQA, `PythonEvaluationTools/vqaEvaluation/vqaEval.py` at commit a013f00 ("Fixed
+processing answers bug", 2021), the script behind VQAv2's evaluation. Per question, with its human answer records
+(ten in VQAv2):
 
-    accuracy = mean over the 10 leave-one-out subsets of 9 human answers of min(#humans in the subset who gave the
-               prediction / 3, 1)
+1. every human answer and the prediction get "\\n" and "\\t" replaced by spaces and are stripped (`clean_whitespace`);
+2. only when those human answers are not all the same do the human answers *and* the prediction go through
+   `process_punctuation` and then `process_digit_article`. When all humans agree, neither side is changed further:
+   "Yes" does not match ten "yes", "two" does not match ten "2", and "t-shirt" matches ten "t-shirt";
+3. the accuracy is the mean over the leave-one-out subsets (one answer record removed each) of
+   min(1, matching answers in the subset / 3): given by 3 or more humans an answer scores 1, by 2 it scores 0.6,
+   by 1 it scores 0.3. Records differ by `answer_id`, so removing one removes exactly one, even among equal answers.
 
-so an answer given by 3 or more humans scores 1, by 2 humans 0.6 (8 subsets see 2 matches, 2 see 1), by 1 human
-0.3. Before matching, the prediction is normalised: newlines and tabs become spaces, punctuation is removed or turned
-into spaces (`process_punctuation`), then it is lower-cased, number words become digits, the articles a/an/the go
-and contractions missing their apostrophe get it back (`process_digit_article`). The human answers of a question
-get `process_punctuation` only, and only when they are not all the same; the annotation files already hold them
-lower-cased, with digits and without articles. Every quirk of the official script that changes a score is kept
-(each is marked below), so that these numbers equal the official ones.
+Overall, per answer type and per question type, the script averages the per-question accuracies and reports
+100 x the mean rounded to 2 decimals. Predictions are scored as given; callers keep the raw text for submission.
+
+The script runs under Python 2, and Python 3 differs in ways that change scores. This module does what Python 2
+does: `\\d` matches ASCII digits only (so "١,٢" keeps its comma as a space); lower-casing maps every character on
+its own by its simple mapping ("İ" -> "i", where Python 3 gives "i" plus a combining dot, and a final "Σ" -> "σ",
+where Python 3 gives "ς"); U+180E counts as whitespace for strip and split (Unicode 5.2, Python 2.7's tables);
+`round` takes exact halves away from zero (62.125 -> 62.13, where Python 3 gives 62.12); sums run left to right.
+Not reproduced: characters that gained a lower-case form after Unicode 5.2 (Cherokee, Georgian Mtavruli and a few
+others) are lower-cased here and were left alone by Python 2.7.
+
+How this differs from the 2016 version of the script (before a013f00), which many copies still run:
+  - 2016 normalised the prediction always (punctuation, case, number words, articles, contractions); now only
+    when the humans disagree. "Yes" against ten "yes" scored 1 and scores 0; "t-shirt" against ten "t-shirt"
+    scored 0 (the prediction became "t shirt") and scores 1.
+  - 2016 did not whitespace-clean the human answers, so six " yes" and four "no" were not matched by "yes" (0);
+    now they are (1).
+  - 2016 gave disagreeing human answers `process_punctuation` only, so "the dog" or "two" from a human never
+    matched a prediction; now they also get `process_digit_article` ("dog", "2").
+
+How other benchmarks' own evaluators differ (this project scores all of them with the rules above, so TextVQA and
+VizWiz numbers here are VQAv2-rule numbers; their servers score the raw `predictions.json` with their own):
+  - OK-VQA is distributed in the VQA format and scored with the VQA tools: the rules above, or the 2016 ones where
+    a copy from before 2021 is used. Its ten answer records hold five answers twice each.
+  - TextVQA (the EvalAI answer processor, as in MMF's `m4c_evaluator.py`): the prediction and every human answer
+    are always normalised, with no unanimity shortcut; before the punctuation step the text is lower-cased, commas
+    and "?" are deleted and "'s" becomes " 's"; it runs under Python 3 (Unicode `\\d`, full lower-case mappings).
+  - VizWiz (the challenge's `vqaEval.py`): the prediction is always normalised and compared with the human answers
+    as they are in the file (not whitespace-cleaned, not normalised); Python 3.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import ROUND_HALF_UP, Decimal
 
 # Removed (or replaced by a space) by `process_punctuation`; note that "'", ":" and "." are not among them.
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
@@ -55,14 +85,27 @@ _CONTRACTION_PAIRS = """
 """
 CONTRACTIONS = dict(pair.split("=") for pair in _CONTRACTION_PAIRS.split())
 
+# What Python 2.7's unicode.strip() and split() treat as whitespace (Unicode 5.2): Python 3's set plus U+180E
+# MONGOLIAN VOWEL SEPARATOR, which Unicode 6.3 stopped calling a space.
+PY2_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u180e\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+_WHITESPACE_RUN = re.compile(f"[{re.escape(PY2_WHITESPACE)}]+")
+
 # A comma between two digits ("1,000") anywhere in the text makes every punctuation mark vanish instead of
-# becoming a space.
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+# becoming a space. Python 2's `\d` (no re.UNICODE flag) is ASCII-only.
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d", re.ASCII)
 # A period goes unless a digit follows it ("2.5" keeps it). The official pattern opens with "(?!<=\d)", which reads
 # like a look-behind but is a look-ahead that always passes, so this is what it does.
-_PERIOD = re.compile(r"\.(?!\d)")
+_PERIOD = re.compile(r"\.(?!\d)", re.ASCII)
 # Quirk: the official script passes re.UNICODE (= 32) where re.sub takes `count`, so at most 32 periods go.
-_PERIODS_REMOVED_AT_MOST = int(re.UNICODE)
+_PERIODS_REMOVED_AT_MOST = 32
+
+
+def clean_whitespace(answer: str) -> str:
+    """Newlines and tabs become spaces, then the answer is stripped (done to every answer, human or predicted)."""
+    return answer.replace("\n", " ").replace("\t", " ").strip(PY2_WHITESPACE)
 
 
 def process_punctuation(text: str) -> str:
@@ -81,7 +124,7 @@ def process_punctuation(text: str) -> str:
 def process_digit_article(text: str) -> str:
     """Lower-case, split on whitespace, map number words to digits, drop articles, restore contractions."""
     words = []
-    for word in text.lower().split():
+    for word in _split(_lower(text)):
         word = NUMBER_WORDS.get(word, word)
         if word not in ARTICLES:
             words.append(CONTRACTIONS.get(word, word))
@@ -89,23 +132,23 @@ def process_digit_article(text: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """A predicted answer as the official script compares it with the human answers."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+    """An answer as the official script compares it on a question whose human answers disagree."""
+    return process_digit_article(process_punctuation(clean_whitespace(answer)))
 
 
 def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
-    """The official accuracy of one predicted answer, in [0, 1], against a question's (usually 10) human answers."""
+    """The official accuracy of one predicted answer, in [0, 1], against a question's human answer records."""
     if not human_answers:
         raise ValueError("a question needs at least one human answer to be scored")
-    prediction = normalize_answer(prediction)
-    humans = list(human_answers)
+    humans = [clean_whitespace(answer) for answer in human_answers]
+    prediction = clean_whitespace(prediction)
     if len(set(humans)) > 1:
-        humans = [process_punctuation(answer) for answer in humans]
+        humans = [process_digit_article(process_punctuation(answer)) for answer in humans]
+        prediction = process_digit_article(process_punctuation(prediction))
     matches = [answer == prediction for answer in humans]
     total = sum(matches)
-    # Leaving out human i leaves total - matches[i] matching answers among the others.
-    return sum(min(1.0, (total - left_out) / 3) for left_out in matches) / len(humans)
+    # Leaving out record i leaves total - matches[i] matching answers among the others.
+    return _sum_left_to_right(min(1.0, (total - left_out) / 3) for left_out in matches) / len(humans)
 
 
 def vqa_scores(
@@ -116,9 +159,10 @@ def vqa_scores(
 ) -> dict:
     """Accuracy over questions, in percent as the official script reports it (rounded to 2 decimals).
 
-    Every question of `human_answers` must have a prediction. Returns {"accuracy", "n", "per_answer_type",
-    "per_question_type"} (the last two only when their types are given) and the unrounded per-question
-    accuracies in [0, 1] under "per_question".
+    Every question of `human_answers` must have a prediction; questions are summed in `human_answers`' order (the
+    official script's is the annotation file's). Returns {"accuracy", "n", "per_answer_type",
+    "per_question_type"} (the last two only when their types are given) and the unrounded per-question accuracies
+    in [0, 1] under "per_question".
     """
     missing = [key for key in human_answers if key not in predictions]
     if missing:
@@ -135,6 +179,31 @@ def vqa_scores(
     return scores
 
 
-def _percent(values) -> float:
+def _lower(text: str) -> str:
+    """Python 2's unicode.lower(): each character by its simple mapping, with no context (no final sigma)."""
+    if text.isascii():
+        return text.lower()
+    # Only "İ" (U+0130) lower-cases to two characters in Python 3; the first of them is its simple mapping.
+    return "".join(char.lower()[0] for char in text)
+
+
+def _split(text: str) -> list[str]:
+    """Python 2's unicode.split() with no argument."""
+    return [word for word in _WHITESPACE_RUN.split(text) if word]
+
+
+def _sum_left_to_right(values: Iterable[float]) -> float:
+    # Python 2's sum(); Python 3.12's sum() of floats compensates rounding errors and can differ in the last bit.
+    total = 0.0
+    for value in values:
+        total += value
+    return total
+
+
+def _percent(values: Iterable[float]) -> float:
     values = list(values)
-    return round(100 * sum(values) / len(values), 2) if values else 0.0
+    if not values:
+        return 0.0
+    # Python 2's round(): correctly rounded, exact halves away from zero (Python 3 rounds them to even).
+    exact = Decimal(100 * _sum_left_to_right(values) / len(values))
+    return float(exact.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
