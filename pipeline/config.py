@@ -111,6 +111,12 @@ class DataConfig:
     num_workers: int = 4
     shuffle_buffer: int = 1000
     seed: int = 0
+    # A brace range that names a missing shard is an error; true trains on the shards that exist (with a warning),
+    # e.g. while a download is still filling the range.
+    allow_missing_shards: bool = False
+    # Images with more pixels than this, even at the JPEG decoder's smallest draft scale, are skipped and counted
+    # (skipped/oversized_image); large JPEGs are decoded at a reduced scale first, so they are cheap and kept.
+    max_image_pixels: int = 16_777_216
 
 
 @dataclass
@@ -268,29 +274,77 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return config
 
 
+# What each numeric key may hold. Keys of one section are listed together; stage-2 keys are checked in every stage
+# (they are ignored in stage 1, but a nonsense value is still a mistake worth naming).
+_POSITIVE = "positive"
+_NON_NEGATIVE = ">= 0"
+_FRACTION = "in [0, 1)"
+_UNIT_INTERVAL = "in [0, 1]"
+_RULES = {
+    _POSITIVE: lambda v: v > 0,
+    _NON_NEGATIVE: lambda v: v >= 0,
+    _FRACTION: lambda v: 0 <= v < 1,
+    _UNIT_INTERVAL: lambda v: 0 <= v <= 1,
+}
+
+
+def _numeric_rules(config: RunConfig) -> list[tuple[str, float | int | None, str]]:
+    """(dotted key, value, rule) for every numeric key; a None value (an optional key left empty) passes."""
+    train, optim, model, data, logging_ = config.train, config.optim, config.model, config.data, config.logging
+    resampler, lora = model.resampler, model.lora
+    return [
+        ("train.global_batch_size", train.global_batch_size, _POSITIVE),
+        ("train.micro_batch_size", train.micro_batch_size, _POSITIVE),
+        ("train.max_steps", train.max_steps, _POSITIVE),
+        ("train.save_every_steps", train.save_every_steps, _POSITIVE),
+        ("train.keep_last_checkpoints", train.keep_last_checkpoints, _POSITIVE),
+        ("train.log_every_steps", train.log_every_steps, _POSITIVE),
+        ("train.eval_batches", train.eval_batches, _POSITIVE),
+        ("train.eval_every_steps", train.eval_every_steps, _NON_NEGATIVE),
+        ("train.stop_after_steps", train.stop_after_steps, _NON_NEGATIVE),
+        ("train.seed", train.seed, _NON_NEGATIVE),
+        ("optim.lr", optim.lr, _POSITIVE),
+        ("optim.resampler_lr", optim.resampler_lr, _POSITIVE),
+        ("optim.eps", optim.eps, _POSITIVE),
+        ("optim.weight_decay", optim.weight_decay, _NON_NEGATIVE),
+        ("optim.warmup_steps", optim.warmup_steps, _NON_NEGATIVE),
+        ("optim.grad_clip", optim.grad_clip, _NON_NEGATIVE),
+        ("optim.min_lr_ratio", optim.min_lr_ratio, _UNIT_INTERVAL),
+        ("optim.betas[0]", optim.betas[0], _FRACTION),
+        ("optim.betas[1]", optim.betas[1], _FRACTION),
+        ("model.max_caption_tokens", model.max_caption_tokens, _POSITIVE),
+        ("model.max_sequence_tokens", model.max_sequence_tokens, _POSITIVE),
+        ("model.resampler.num_latents", resampler.num_latents, _POSITIVE),
+        ("model.resampler.depth", resampler.depth, _POSITIVE),
+        ("model.resampler.heads", resampler.heads, _POSITIVE),
+        ("model.resampler.head_dim", resampler.head_dim, _POSITIVE),
+        ("model.resampler.width", resampler.width, _POSITIVE),
+        ("model.resampler.ff_mult", resampler.ff_mult, _POSITIVE),
+        ("model.lora.r", lora.r, _POSITIVE),
+        ("model.lora.alpha", lora.alpha, _POSITIVE),
+        ("model.lora.dropout", lora.dropout, _FRACTION),
+        ("data.num_workers", data.num_workers, _NON_NEGATIVE),
+        ("data.shuffle_buffer", data.shuffle_buffer, _NON_NEGATIVE),
+        ("data.seed", data.seed, _NON_NEGATIVE),
+        ("data.max_image_pixels", data.max_image_pixels, _POSITIVE),
+        ("logging.sample_every_steps", logging_.sample_every_steps, _NON_NEGATIVE),
+        ("logging.num_samples", logging_.num_samples, _POSITIVE),
+        *((f"data.sources[{i}].weight", source.weight, _POSITIVE) for i, source in enumerate(data.sources)),
+    ]
+
+
 def validate(config: RunConfig) -> None:
     """Checks that need no process group and no files beyond the config itself."""
-    train, optim, model = config.train, config.optim, config.model
-    for key, value in (
-        ("train.global_batch_size", train.global_batch_size),
-        ("train.micro_batch_size", train.micro_batch_size),
-        ("train.max_steps", train.max_steps),
-        ("model.max_caption_tokens", model.max_caption_tokens),
-        ("model.resampler.num_latents", model.resampler.num_latents),
-        ("train.save_every_steps", train.save_every_steps),
-        ("train.keep_last_checkpoints", train.keep_last_checkpoints),
-    ):
-        if value <= 0:
-            raise ConfigError(f"'{key}' must be positive, got {value}")
+    train, model = config.train, config.model
+    for key, value, rule in _numeric_rules(config):
+        # `not rule(value)` rather than the negated comparison, so that NaN fails every rule.
+        if value is not None and not _RULES[rule](value):
+            raise ConfigError(f"'{key}' must be {rule}, got {value}")
     if train.global_batch_size % train.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={train.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={train.micro_batch_size}; pick sizes that divide"
         )
-    if optim.lr <= 0:
-        raise ConfigError(f"'optim.lr' must be positive, got {optim.lr}")
-    if not 0 <= optim.min_lr_ratio <= 1:
-        raise ConfigError(f"'optim.min_lr_ratio' must be in [0, 1], got {optim.min_lr_ratio}")
     for key, value in (
         ("model.vision.dtype", model.vision.dtype),
         ("model.llm.dtype", model.llm.dtype),
@@ -300,22 +354,28 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"'{key}' must be one of {', '.join(DTYPES)}, got '{value}'")
     if train.precision not in ("bfloat16", "float32"):
         raise ConfigError(f"'train.precision' must be bfloat16 or float32, got '{train.precision}'")
+    if train.distributed_backend not in ("nccl", "gloo"):
+        raise ConfigError(f"'train.distributed_backend' must be nccl or gloo, got '{train.distributed_backend}'")
     if model.llm.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flex_attention", "varlen"):
         raise ConfigError(
             f"'model.llm.attn_implementation' must be sdpa, eager, flex_attention, varlen or flash_attention_2, "
             f"got '{model.llm.attn_implementation}'"
         )
+    for key, value in (("model.vision.model", model.vision.model), ("model.llm.model", model.llm.model)):
+        if not value.strip():
+            raise ConfigError(f"'{key}' is empty; give a hub id or a local model directory")
+    if not config.run_dir.strip():
+        raise ConfigError("'run_dir' is empty; give the directory the run writes to, e.g. run_dir=runs/stage1")
     if not config.data.sources:
-        raise ConfigError("'data.sources' is empty; give at least one shard spec, e.g. data.sources=[{shards: ...}]")
+        raise ConfigError(
+            "'data.sources' is empty; give at least one shard spec, "
+            "e.g. 'data.sources=[{shards: \"/data/{00000..00009}.tar\"}]'"
+        )
     for i, source in enumerate(config.data.sources):
         if not source.shards:
             raise ConfigError(f"'data.sources[{i}].shards' is empty; give a shard spec like /data/{{00000..00099}}.tar")
-        if source.weight <= 0:
-            raise ConfigError(f"'data.sources[{i}].weight' must be positive, got {source.weight}")
     if config.data.input not in ("images", "features"):
         raise ConfigError(f"'data.input' must be images or features, got '{config.data.input}'")
-    if config.data.num_workers < 0:
-        raise ConfigError(f"'data.num_workers' must be >= 0, got {config.data.num_workers}")
     if config.logging.wandb_mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(
             f"'logging.wandb_mode' must be auto, online, offline or disabled, got '{config.logging.wandb_mode}'"
@@ -332,10 +392,6 @@ def _validate_stage2(config: RunConfig) -> None:
     model, lora = config.model, config.model.lora
     if config.data.input != "images":
         raise ConfigError("stage 2 reads conversation shards with images; set data.input=images")
-    if lora.r <= 0 or lora.alpha <= 0:
-        raise ConfigError(f"'model.lora.r' and 'model.lora.alpha' must be positive, got {lora.r} and {lora.alpha}")
-    if not 0 <= lora.dropout < 1:
-        raise ConfigError(f"'model.lora.dropout' must be in [0, 1), got {lora.dropout}")
     if not lora.target_modules:
         raise ConfigError("'model.lora.target_modules' is empty; name the projections to adapt, e.g. [q_proj, v_proj]")
     if model.max_sequence_tokens <= model.resampler.num_latents:
@@ -343,8 +399,6 @@ def _validate_stage2(config: RunConfig) -> None:
             f"'model.max_sequence_tokens'={model.max_sequence_tokens} leaves no room for text after the "
             f"{model.resampler.num_latents} image tokens; raise it"
         )
-    if config.optim.resampler_lr is not None and config.optim.resampler_lr <= 0:
-        raise ConfigError(f"'optim.resampler_lr' must be positive or null, got {config.optim.resampler_lr}")
     if model.llm.quantization not in ("none", "nf4"):
         raise ConfigError(f"'model.llm.quantization' must be none or nf4, got '{model.llm.quantization}'")
     # find_spec, not import: config checks stay fast.

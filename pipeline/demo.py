@@ -198,6 +198,14 @@ def main(argv=None) -> int:
         help="stage-2 config overrides, e.g. --stage2 train.max_steps=100",
     )
     args = parser.parse_args(argv)
+    from pipeline.evaluation.caption_metrics import JavaNotFound, require_java
+
+    try:
+        # The held-out caption scores need Java (pycocoevalcap); say so now, not after stage 1 has trained.
+        require_java()
+    except JavaNotFound as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s demo: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -3,8 +3,9 @@
 Launch it under the deepspeed launcher, torchrun or srun (it reads its rank from the environment), or bare for a
 single process. Pointing at an existing run directory resumes it: `--resume runs/stage1` reads the config saved
 there, and a run whose run_dir already holds a complete checkpoint continues from it (this is how a requeued SLURM
-job picks up). The story: check config and shards → process group → frozen towers and resampler, frozen for the
-stage → data → train → export, then `<run_dir>/FINISHED`. Stage 2 (`pipeline.train_stage2`) tells the same story.
+job picks up). The story: check config, models and shards (`pipeline.training.preflight`) → process group → frozen
+towers and resampler, frozen for the stage → data → train → export, then `<run_dir>/FINISHED`. Stage 2
+(`pipeline.train_stage2`) tells the same story. A rank that fails ends at once (`pipeline.training.failure`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig, gradient_accumulation_steps, load_config, save_config
-from pipeline.data.shards import DataError, expand_shards
+from pipeline.config import ConfigError, RunConfig, load_config, save_config
+from pipeline.data.shards import DataError
 from pipeline.training.distributed import read_dist_env
+from pipeline.training.failure import exit_after_failure
+from pipeline.training.preflight import RankError, preflight
 
 log = logging.getLogger("pipeline.train")
 
@@ -45,15 +48,6 @@ def resolve_config(args) -> RunConfig:
             raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run directory?")
         return load_config(saved, [f"run_dir={args.resume}", *args.overrides])
     return load_config(args.config, args.overrides)
-
-
-def preflight(config: RunConfig) -> list[list[str]]:
-    """Everything that can be checked before a process group exists; returns the expanded shard lists."""
-    gradient_accumulation_steps(config, read_dist_env().world_size)
-    source = config.model.stage1_resampler
-    if config.stage == 2 and source and not Path(source).exists():
-        raise ConfigError(f"model.stage1_resampler '{source}' does not exist; point at a stage-1 run or its export/")
-    return [expand_shards(s.shards, f"data.sources[{i}].shards") for i, s in enumerate(config.data.sources)]
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -103,10 +97,10 @@ def run(config: RunConfig) -> str:
     from pipeline.training.trainer import Trainer, make_metrics_logger
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    dist_env = init_distributed(config.train.distributed_backend)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir, dist_env.rank)
+    setup_logging(run_dir, read_dist_env().rank)
+    dist_env = init_distributed(config.train.distributed_backend)
     # Local model directories need no Hub: with offline mode on, a compute node never waits on the network.
     enforce_offline([config.model.vision.model, config.model.llm.model])
     if dist_env.is_main:
@@ -156,18 +150,26 @@ def run(config: RunConfig) -> str:
 
 
 def main(argv=None, stage: int = 1) -> int:
-    """`stage` is the stage this entry point trains (pipeline.train_stage2 passes 2); the config must agree."""
+    """`stage` is the stage this entry point trains (pipeline.train_stage2 passes 2); the config must agree.
+
+    A config or data mistake found before training exits with status 2 and one `error:` line (on rank 0 only, unless
+    it is this rank's own); anything that fails later ends the rank at once (`exit_after_failure`)."""
     args = parse_args(argv)
+    dist_env = read_dist_env()
     try:
         config = resolve_config(args)
         if config.stage != stage:
             entry = "pipeline.train_stage2" if config.stage == 2 else "pipeline.train"
             raise ConfigError(f"the config says stage: {config.stage}; train it with python -m {entry}")
-        preflight(config)
+        preflight(config, dist_env.world_size, dist_env.local_rank)
     except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if dist_env.is_main or isinstance(err, RankError):
+            print(f"error: {err}", file=sys.stderr)
         return 2
-    run(config)
+    try:
+        run(config)
+    except (Exception, KeyboardInterrupt) as error:
+        exit_after_failure(error, dist_env.rank, dist_env.world_size)
     return 0
 
 

@@ -10,13 +10,14 @@ image tensors the decoder produced and concatenates the captions, so packing can
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Iterator
 
 import torch
 from PIL import Image
 
 from pipeline.data.shards import iter_shard_records
-from pipeline.data.stream import Collate, Decoder, SkipLog, SkipSample, describe_error
+from pipeline.data.stream import Collate, Decoder, SkipLog, SkipSample, decode_record, describe_error
 
 CAPTION_MEMBER = "txt"
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
@@ -66,7 +67,10 @@ class CaptionSampleDecoder:
 
     def encode_caption(self, data: bytes) -> torch.Tensor:
         """Token ids of the caption without special tokens, cut to leave room for the EOS that ends them."""
-        caption = data.decode("utf-8", errors="replace").strip()
+        try:
+            caption = data.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise SkipSample("bad_caption", f"not UTF-8 ({error.reason} at byte {error.start})") from None
         if not caption:
             raise SkipSample("empty_caption")
         tokenizer = self.tokenizer
@@ -77,18 +81,28 @@ class CaptionSampleDecoder:
         raise NotImplementedError
 
 
-class ImageDecoder:
-    """JPEG/PNG/WebP bytes -> {"pixel_values": [3, S, S]} through the CLIP image processor.
+# Decoded pixels above which an image is skipped (4096 x 4096): far beyond what a 224-384 px tower reads, and it bounds
+# a loader worker's memory per image (about 50 MB as RGB) whatever a shard holds.
+MAX_IMAGE_PIXELS = 4096 * 4096
 
-    Picklable and cheap to pickle: the processor loads lazily, once per process, and is never pickled.
+
+class ImageDecoder:
+    """JPEG/PNG/WebP bytes -> {"pixel_values": [3, S, S]} through the tower's image processor.
+
+    A JPEG is decoded at the smallest of the decoder's draft scales (1/2, 1/4, 1/8) that still covers the processor's
+    input size, so a large photo costs little; an image with more than `max_image_pixels` pixels even then is skipped
+    as "oversized_image" before it is decoded. Picklable and cheap to pickle: the processor loads lazily, once per
+    process, and is never pickled.
     """
 
-    def __init__(self, image_processor_path: str):
+    def __init__(self, image_processor_path: str, max_image_pixels: int = MAX_IMAGE_PIXELS):
         self.image_processor_path = image_processor_path
+        self.max_image_pixels = max_image_pixels
         self._image_processor = None
+        self._draft_side = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_image_processor": None}
+        return {**self.__dict__, "_image_processor": None, "_draft_side": None}
 
     @property
     def image_processor(self):
@@ -96,19 +110,48 @@ class ImageDecoder:
             from transformers import CLIPImageProcessor
 
             self._image_processor = CLIPImageProcessor.from_pretrained(self.image_processor_path)
+            self._draft_side = input_side(self._image_processor)
         return self._image_processor
 
     def load(self) -> None:
         _ = self.image_processor
 
     def __call__(self, data: bytes) -> dict[str, torch.Tensor]:
+        processor = self.image_processor
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                rgb = image.convert("RGB")
+            with warnings.catch_warnings():
+                # PIL warns above its own limit; the limit that applies here is max_image_pixels, checked below.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    image.draft("RGB", (self._draft_side, self._draft_side))  # JPEG only; a no-op otherwise
+                    if image.width * image.height > self.max_image_pixels:
+                        raise SkipSample(
+                            "oversized_image",
+                            f"{image.width}x{image.height} pixels to decode, data.max_image_pixels is "
+                            f"{self.max_image_pixels}",
+                        )
+                    rgb = image.convert("RGB")
+        except SkipSample:
+            raise
+        except Image.DecompressionBombError as error:
+            raise SkipSample("oversized_image", describe_error(error)) from None
         except Exception as error:  # PIL raises many types for bad bytes; all mean the same here
             raise SkipSample("corrupt_image", describe_error(error)) from None
-        pixel_values = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"][0]
+        pixel_values = processor(images=rgb, return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": pixel_values.float()}
+
+
+_SIDE_NAMES = ("height", "width", "shortest_edge", "longest_edge")
+
+
+def input_side(processor) -> int:
+    """The longest side an image processor resizes or crops to (224 for CLIP ViT-L/14)."""
+    sides = []
+    for setting in (getattr(processor, "size", None), getattr(processor, "crop_size", None)):
+        # A plain dict in older transformers, a SizeDict dataclass in newer ones.
+        items = setting.items() if isinstance(setting, dict) else vars(setting).items() if setting else ()
+        sides += [value for name, value in items if name in _SIDE_NAMES and isinstance(value, int)]
+    return max(sides, default=224)
 
 
 class CaptionDecoder(CaptionSampleDecoder):
@@ -116,9 +159,15 @@ class CaptionDecoder(CaptionSampleDecoder):
 
     image_members = IMAGE_MEMBERS
 
-    def __init__(self, image_processor_path: str, tokenizer_path: str, max_caption_tokens: int):
+    def __init__(
+        self,
+        image_processor_path: str,
+        tokenizer_path: str,
+        max_caption_tokens: int,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+    ):
         super().__init__(tokenizer_path, max_caption_tokens)
-        self.images = ImageDecoder(image_processor_path)
+        self.images = ImageDecoder(image_processor_path, max_image_pixels)
 
     @property
     def image_processor_path(self) -> str:
@@ -183,7 +232,7 @@ def iterate_eval_batches(
             if (record_index - 1) % world_size != rank:
                 continue
             try:
-                samples.append(decoder(members, key))
+                samples.append(decode_record(decoder, members, key))
             except SkipSample as skip:
                 skips.record(skip.reason, shard, f"sample {key}", skip.detail)
                 continue

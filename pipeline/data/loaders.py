@@ -20,6 +20,7 @@ def sample_codec(config: RunConfig):
             model.resampler.num_latents,
             model.max_sequence_tokens,
             model.system_prompt,
+            max_image_pixels=config.data.max_image_pixels,
         )
         return decoder, collate_conversations
     return caption_decoder(config), collate_captions
@@ -31,7 +32,12 @@ def caption_decoder(config: RunConfig):
         from pipeline.data.features import FeatureDecoder
 
         return FeatureDecoder(config.model.llm.model, config.model.max_caption_tokens)
-    return CaptionDecoder(config.model.vision.model, config.model.llm.model, config.model.max_caption_tokens)
+    return CaptionDecoder(
+        config.model.vision.model,
+        config.model.llm.model,
+        config.model.max_caption_tokens,
+        max_image_pixels=config.data.max_image_pixels,
+    )
 
 
 def build_train_loader(config: RunConfig, dist_env, state: dict | None) -> ShardLoader:
@@ -50,6 +56,7 @@ def build_train_loader(config: RunConfig, dist_env, state: dict | None) -> Shard
         state=state,
         # Page-locked batches copy to the GPU asynchronously (the trainer's non_blocking copies).
         pin_memory=config.train.distributed_backend == "nccl",
+        allow_missing_shards=data.allow_missing_shards,
     )
 
 
@@ -57,7 +64,7 @@ def build_val_batches(config: RunConfig, dist_env):
     """A callable giving a fresh pass over the held-out shards, or None when the config names none."""
     if not config.data.val_shards:
         return None
-    shards = expand_shards(config.data.val_shards, "data.val_shards")
+    shards = expand_shards(config.data.val_shards, "data.val_shards", config.data.allow_missing_shards)
     decoder, collate = sample_codec(config)
 
     def batches():

@@ -17,10 +17,12 @@ the shards that buffer references point into are re-read on restore.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import math
 import os
 import signal
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.shards import (
     DataError,
+    OversizedMember,
     check_enough_shards,
     expand_shards,
     iter_shard_records,
@@ -42,17 +45,23 @@ from pipeline.data.shards import (
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-# Stage 2 adds bad_conversation (unreadable or malformed conversation JSON) and no_supervised_tokens (nothing of an
-# assistant turn left within the sequence budget).
+# corrupt_image: image bytes that do not decode; oversized_image: more pixels than data.max_image_pixels even at the
+# decoder's smallest draft scale; oversized_member: a tar member over shards.MAX_MEMBER_BYTES, never read;
+# bad_caption: a caption that is not UTF-8. Stage 2 adds bad_conversation (unreadable or malformed conversation
+# JSON) and no_supervised_tokens (nothing of an assistant turn left within the sequence budget).
 SKIP_REASONS = (
     "corrupt_image",
+    "oversized_image",
+    "oversized_member",
     "empty_caption",
+    "bad_caption",
     "missing_member",
     "bad_tar",
     "bad_conversation",
     "no_supervised_tokens",
 )
 WARNING_INTERVAL_S = 10.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # That many skipped samples in a row means a systematic problem (wrong decoder for these shards, say), which
 # an endless stream would otherwise hide behind rate-limited warnings while yielding nothing.
 MAX_CONSECUTIVE_SKIPS = 1000
@@ -92,6 +101,14 @@ class SkipLog:
         more = f"; {self._suppressed} more skipped since the last warning" if self._suppressed else ""
         logger.warning("skipped %s of shard %s: %s%s%s", what, shard, reason, note, more)
         self._last_warning_s, self._suppressed = now, 0
+
+
+def decode_record(decoder: Decoder, members: dict[str, bytes], key: str) -> dict:
+    """`decoder(members, key)`, after skipping a record that has a member too large to have been read."""
+    for extension, data in members.items():
+        if isinstance(data, OversizedMember):
+            raise SkipSample("oversized_member", f"{key}.{extension} has {data.size} bytes")
+    return decoder(members, key)
 
 
 def describe_error(error: BaseException) -> str:
@@ -316,7 +333,7 @@ class SampleReader:
         for _ in range(MAX_CONSECUTIVE_SKIPS):
             _, shard, key, members = self._pick_source().next_record()
             try:
-                sample = decoder(members, key)
+                sample = decode_record(decoder, members, key)
             except SkipSample as skip:
                 self.skips.record(skip.reason, shard, f"sample {key}", skip.detail)
                 continue
@@ -373,11 +390,26 @@ def keep_batch(batch: dict) -> dict:
     return batch
 
 
-def leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
+def leave_stop_signals_to_the_trainer(trainer_pid: int, _worker_id: int) -> None:
     """Data-loader workers ignore SIGTERM and SIGUSR1: Slurm and the deepspeed launcher signal every process of a
-    job, and torch's worker handler dies on SIGTERM, which would fail the rank before the trainer can checkpoint."""
+    job, and torch's worker handler dies on SIGTERM, which would fail the rank before the trainer can checkpoint.
+
+    Since nothing then stops a worker by signal, a worker is also killed by the kernel when the rank that started
+    it dies, however it dies (Linux's parent-death signal)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    die_with_parent(trainer_pid)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent, `parent_pid`, exits (a no-op on other systems)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the request was made
+        os._exit(1)
 
 
 class ShardLoader:
@@ -404,6 +436,7 @@ class ShardLoader:
         where_prefix: str = "data.sources",
         multiprocessing_context: str = "fork",
         pin_memory: bool = False,
+        allow_missing_shards: bool = False,
     ):
         if not sources:
             raise DataError(f"'{where_prefix}' is empty; give at least one shard spec")
@@ -419,7 +452,7 @@ class ShardLoader:
             where = f"{where_prefix}[{i}].shards"
             if not weight > 0:
                 raise DataError(f"'{where_prefix}[{i}].weight' must be positive, got {weight}")
-            shards = expand_shards(spec, where)
+            shards = expand_shards(spec, where, allow_missing_shards)
             check_enough_shards(shards, num_readers, where, world_size, self.readers_per_rank)
             self.sources.append(Source(where, shards, weight))
         self.layout = {
@@ -459,7 +492,7 @@ class ShardLoader:
                 multiprocessing_context=multiprocessing_context,
                 persistent_workers=True,
                 prefetch_factor=2,
-                worker_init_fn=leave_stop_signals_to_the_trainer,
+                worker_init_fn=functools.partial(leave_stop_signals_to_the_trainer, os.getpid()),
             )
         self._dataloader: DataLoader | None = None
         self._iterator: Iterator[dict] | None = None

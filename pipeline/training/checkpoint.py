@@ -7,7 +7,9 @@ Layout under `<run_dir>/checkpoints/`:
     latest                        the newest complete tag, replaced atomically
 
 Resume picks the newest tag that has COMPLETE, so a checkpoint cut off mid-write (preemption, node failure) is
-never chosen even if `latest` was not yet updated.
+never chosen even if `latest` was not yet updated. Such partial folders are removed at resume and, when older than
+the newest complete checkpoint, after every save: nobody can finish them, and a run killed at a step it never saves
+again would otherwise keep one on disk forever.
 """
 
 from __future__ import annotations
@@ -43,6 +45,23 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
         if match and (path / COMPLETE_MARKER).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def remove_partial_checkpoints(checkpoint_dir: Path, before_step: int | None = None) -> list[Path]:
+    """Delete checkpoint folders without COMPLETE (those of steps below `before_step` only, when given)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    removed = []
+    for path in checkpoint_dir.iterdir():
+        match = TAG_PATTERN.match(path.name)
+        if not match or (path / COMPLETE_MARKER).is_file():
+            continue
+        if before_step is None or int(match.group(1)) < before_step:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d partial checkpoint(s): %s", len(removed), ", ".join(p.name for p in sorted(removed)))
+    return removed
 
 
 def latest_complete(checkpoint_dir: Path) -> Path | None:
@@ -85,6 +104,7 @@ def save_checkpoint(
         os.replace(latest_tmp, checkpoint_dir / "latest")
         for _, old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        remove_partial_checkpoints(checkpoint_dir, before_step=step)
         log.info("saved checkpoint %s", path)
     dist.barrier()
     return path

@@ -28,36 +28,16 @@ import torch.distributed as dist
 from pipeline.config import RunConfig, gradient_accumulation_steps, to_dict
 from pipeline.model.anymal import IMAGE_INPUTS
 from pipeline.training import checkpoint as ckpt
+from pipeline.training.failure import LauncherWatch
 from pipeline.training.metrics import MetricsLogger, peak_tflops, wandb_mode
+from pipeline.training.preflight import read_deepspeed_json
 
 log = logging.getLogger(__name__)
 
-# Keys in the DeepSpeed JSON that this trainer fills in from the run config; a JSON value other than "auto" for
-# one of them would silently disagree with the config, so it is an error.
-MANAGED_DS_KEYS = (
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-    "optimizer",
-    "scheduler",
-)
-
 
 def deepspeed_config(config: RunConfig, world_size: int) -> dict:
-    path = Path(config.train.deepspeed_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"train.deepspeed_config '{path}' does not exist; use ds_configs/zero2.json")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    for key in MANAGED_DS_KEYS:
-        if key in ds and ds[key] != "auto":
-            raise ValueError(
-                f"{path} sets '{key}'; batch sizes, optimizer, scheduler and clipping come from the "
-                'run config, so set it to "auto" or remove it'
-            )
+    """The DeepSpeed JSON of the run, with batch sizes and clipping filled in from the run config."""
+    ds = read_deepspeed_json(config.train.deepspeed_config)
     accumulation = gradient_accumulation_steps(config, world_size)
     ds.update(
         train_batch_size=config.train.global_batch_size,
@@ -163,12 +143,17 @@ class Trainer:
         self.samples_seen = 0
         self.wandb_id = None
         self.stop_signal = StopSignal()
+        # After the stop handlers: a SIGTERM that follows a sibling rank's death must end this rank, not checkpoint.
+        LauncherWatch(dist_env.rank, dist_env.world_size).start()
         self.stop_agreement = DeferredMax(device)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
 
     def maybe_resume(self) -> bool:
         """Continue from the newest complete checkpoint in the run directory, if any; builds the loader."""
+        if self.dist_env.is_main:
+            # Every rank is here, before any save: no partial checkpoint is being written, so none can be finished.
+            ckpt.remove_partial_checkpoints(self.checkpoint_dir)
         path = ckpt.latest_complete(self.checkpoint_dir)
         if path is None:
             self.loader = self.make_loader(None)
