@@ -97,8 +97,8 @@ CASES = [
         None,
         "set data.input=features",
     ),
-    ("llm-path-missing", ["model.llm.model=/nonexistent/llama"], None, "model.llm.model '/nonexistent/llama' was read as"),
-    ("vision-path-missing", ["model.vision.model=./no/such/clip"], None, "model.vision.model './no/such/clip' was read"),
+    ("llm-path-missing", ["model.llm.model=/no/llama"], None, "model.llm.model '/no/llama' was read as a local path"),
+    ("vision-path-missing", ["model.vision.model=./no/clip"], None, "model.vision.model './no/clip' was read as a"),
     ("model-dir-without-config", ["model.llm.model=R/images"], None, "has no config.json"),
     ("not-a-model-name", ["model.vision.model=not a model!"], None, "neither an existing directory nor a hub id"),
     (
