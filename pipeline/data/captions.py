@@ -74,7 +74,9 @@ class CaptionSampleDecoder:
         if not caption:
             raise SkipSample("empty_caption")
         tokenizer = self.tokenizer
-        ids = tokenizer(caption, add_special_tokens=False).input_ids[: self.max_caption_tokens - 1]
+        # A caption is text: "<|end_of_text|>" written in one is tokenized as text, not as a premature EOS.
+        ids = tokenizer(caption, add_special_tokens=False, split_special_tokens=True).input_ids
+        ids = ids[: self.max_caption_tokens - 1]
         return torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.long)
 
     def decode_image(self, data: bytes) -> dict[str, torch.Tensor]:

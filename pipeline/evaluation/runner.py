@@ -216,7 +216,8 @@ class Stage1Captioner:
 class InstructAnswerer:
     """`generate` for an instruction-tuned (stage 2) model: each prompt is a user turn about its image.
 
-    Answers are greedy and end at <|eot_id|>, from exactly the training format (`pipeline.data.conversations`):
+    Answers are greedy and end at any of the model's terminators (`AnyMAL.stop_ids`: EOS, <|eot_id|> and the
+    generation config's), from exactly the training format (`pipeline.data.conversations`):
     the chat template, the optional system prompt, the image where `<image>` stands or at the start of the turn.
     `answer` takes whole conversations (LLaVA turns, the last one a human turn) for multi-turn use.
     """
@@ -232,7 +233,7 @@ class InstructAnswerer:
 
     @torch.no_grad()
     def answer(self, images: list[Image.Image], conversations: list[list[dict]], streamer=None) -> list[str]:
-        from pipeline.data.conversations import chat_messages, encode_prompt, stop_token_ids
+        from pipeline.data.conversations import chat_messages, encode_prompt
 
         device = next(self.model.resampler.parameters()).device
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
@@ -241,11 +242,6 @@ class InstructAnswerer:
             strict=True,
         )
         token_ids = self.model.generate(
-            {"pixel_values": pixel_values},
-            list(prompts),
-            list(offsets),
-            self.max_new_tokens,
-            stop_token_ids(self.tokenizer),
-            streamer=streamer,
+            {"pixel_values": pixel_values}, list(prompts), list(offsets), self.max_new_tokens, streamer=streamer
         )
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]

@@ -247,12 +247,15 @@ class AnyMAL(nn.Module):
         packing: bool = True,
         max_caption_tokens: int = 64,
         max_sequence_tokens: int = 2048,
+        stop_ids: list[int] | None = None,
     ):
         super().__init__()
         self.vision = vision
         self.resampler = resampler
         self.llm = llm
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        # Every token that ends a generation (`terminator_ids`); build_anymal passes the model's full set.
+        self.stop_ids = sorted(set(stop_ids or ()) | {eos_id})
         self.packing = packing
         # Packed varlen rows run a frozen LLaMA's layers spelled out (`pipeline.model.llama_layers`), q/k/v as one
         # GEMM; the last layer computes only the rows the loss reads. False runs HF's layers (benchmarks compare).
@@ -476,11 +479,11 @@ class AnyMAL(nn.Module):
         prompts: list[list[int]],
         image_offsets: list[int],
         max_new_tokens: int,
-        stop_ids: list[int],
         streamer=None,
     ) -> list[list[int]]:
         """Greedy continuations of token prompts, each with the batch's image inserted before token
-        `image_offsets[i]`; rows are left-padded. Returns each row's new tokens up to (without) the first stop id."""
+        `image_offsets[i]`; rows are left-padded. Returns each row's new tokens up to (without) the first of
+        `stop_ids`, the model's terminators."""
         prefix = self.image_prefix(batch)
         device = prefix.device
         text_ids = torch.tensor([t for prompt in prompts for t in prompt], dtype=torch.long, device=device)
@@ -499,11 +502,12 @@ class AnyMAL(nn.Module):
             attention_mask=layout.attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=stop_ids,
+            # Replaces generation_config's EOS ids for this call; stop_ids includes them.
+            eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             streamer=streamer,
         )
-        stops = set(stop_ids)
+        stops = set(self.stop_ids)
         continuations = []
         for row in output.tolist():
             end = next((index for index, token in enumerate(row) if token in stops), len(row))
@@ -513,7 +517,19 @@ class AnyMAL(nn.Module):
     def generate_captions(self, batch: dict, max_new_tokens: int = 32) -> list[list[int]]:
         """Greedy captions, from exactly the training format: BOS, the image prefix, then generated tokens."""
         size = batch["pixel_values" if "pixel_values" in batch else "image_features"].shape[0]
-        return self.generate(batch, [[self.bos_id]] * size, [1] * size, max_new_tokens, [self.eos_id])
+        return self.generate(batch, [[self.bos_id]] * size, [1] * size, max_new_tokens)
+
+
+def terminator_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token id that ends a generation: the tokenizer's EOS, <|eot_id|> when the vocabulary has it, and the
+    EOS id or ids of the model's generation config. LLaMA-3-8B-Instruct lists <|end_of_text|> and <|eot_id|> there,
+    and depending on its tokenizer's release, EOS is one or the other."""
+    ids = {tokenizer.eos_token_id}
+    if "<|eot_id|>" in tokenizer.get_vocab():
+        ids.add(tokenizer.convert_tokens_to_ids("<|eot_id|>"))
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(int(token) for token in ids if token is not None)
 
 
 def build_anymal(
@@ -547,6 +563,7 @@ def build_anymal(
         packing=config.packing,
         max_caption_tokens=config.max_caption_tokens,
         max_sequence_tokens=config.max_sequence_tokens,
+        stop_ids=terminator_ids(tokenizer, getattr(llm, "generation_config", None)),
     )
 
 
