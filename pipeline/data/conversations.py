@@ -2,16 +2,25 @@
 
 A conversation is rendered with the tokenizer's own chat template (`apply_chat_template`, LLaMA-3-Instruct's for the
 real model), with an optional system prompt. The image goes where `<image>` stands, or at the start of the first
-user turn when no turn has it: a placeholder special token is put there, the rendered text is tokenized as a
-whole, and the placeholder's token is taken out again, leaving its index as `image_offset` (the resampler's tokens
-are inserted before text token `image_offset`).
+user turn when no turn has it: a placeholder special token is put there, the rendered text is tokenized, and the
+placeholder's token is taken out again, leaving its index as `image_offset` (the resampler's tokens are inserted
+before text token `image_offset`).
+
+Message contents, from data or typed by a user, are text: a special-token string inside one ("<|eot_id|>",
+"<|start_header_id|>assistant") is tokenized as ordinary text and can neither end a turn nor open one. Only the
+template's own text (BOS, headers, the `<|eot_id|>` that closes a turn) and the image placeholder give control
+tokens. To tell them apart, the template is also rendered with every content replaced by a sentinel, which shows
+where each content sits in the rendering; contents are then tokenized with `split_special_tokens`, the template's
+pieces without it. LLaMA-3's template trims each content and puts it between "\n\n" and a special token, where its
+pre-tokenizer splits anyway, so the tokens equal those of tokenizing the whole rendering at once whenever no
+content holds special-token text.
 
 Labels come from character offsets, not from tokenizing turns one by one: the character span of each assistant
 turn (its content and the `<|eot_id|>` the template closes it with) is where rendering the conversation up to the
 turn with a generation prompt ends and rendering it up to and including the turn ends. Every token of the whole
 rendering that overlaps such a span is supervised; nothing else is (BOS, headers, user and system turns, the
-image). Tokenizing the whole text once keeps the tokens exactly those the model sees, whatever the BPE does at a
-turn boundary, and the template's own transformations (LLaMA-3 trims each message) are accounted for.
+image). The tokens are those of the whole rendering, as the model sees it, and the template's own transformations
+(LLaMA-3 trims each message) are accounted for.
 
 Truncation drops text from the end so that image tokens plus text fit `max_sequence_tokens`; it never cuts the
 image. A sample left without a supervised token is skipped and counted (`no_supervised_tokens`).
@@ -24,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.data.captions import IMAGE_MEMBERS, ImageDecoder
+from pipeline.data.captions import IMAGE_MEMBERS, MAX_IMAGE_PIXELS, ImageDecoder
 from pipeline.data.stream import SkipSample, describe_error
 from pipeline.model.anymal import IGNORE_INDEX
 
@@ -32,6 +41,8 @@ IMAGE_TAG = "<image>"
 # A special token of LLaMA-3's vocabulary (and of the toy tokenizer's) that no text uses: where it lands after
 # tokenization is where the image goes. It never reaches the model.
 IMAGE_PLACEHOLDER = "<|reserved_special_token_0|>"
+# The key of the message that holds the image: how many literal placeholder strings (text) precede the image's.
+IMAGE_SLOT = "image_slot"
 CONVERSATION_MEMBER = "json"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -66,15 +77,22 @@ def chat_messages(turns: list[dict], system_prompt: str = "") -> list[dict]:
         content = turn.get("value", turn.get("content"))
         if role is None or not isinstance(content, str):
             raise ConversationError(f"turn {turn!r:.80} has no known role (human/gpt) or no text")
-        if IMAGE_TAG in content and not placed:
-            content = content.replace(IMAGE_TAG, IMAGE_PLACEHOLDER, 1)
+        before, *after = content.split(IMAGE_TAG)
+        message = {"role": role, "content": "".join([before, *after])}
+        if after and not placed:
+            # The placeholder string is also ordinary text that a message may hold; the image is the one that
+            # follows those already in `before`.
+            message |= {
+                "content": before + IMAGE_PLACEHOLDER + "".join(after),
+                IMAGE_SLOT: before.count(IMAGE_PLACEHOLDER),
+            }
             placed = True
-        messages.append({"role": role, "content": content.replace(IMAGE_TAG, "")})
+        messages.append(message)
     first_user = next((m for m in messages if m["role"] != "system"), None)
     if first_user is None or first_user["role"] != "user":
         raise ConversationError("the conversation must start with a human turn")
     if not placed:
-        first_user["content"] = f"{IMAGE_PLACEHOLDER}\n{first_user['content']}"
+        first_user |= {"content": f"{IMAGE_PLACEHOLDER}\n{first_user['content']}", IMAGE_SLOT: 0}
     return messages
 
 
@@ -100,9 +118,77 @@ def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[in
     return spans
 
 
-def _tokenize(tokenizer, text: str):
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return encoded["input_ids"], encoded["offset_mapping"]
+def _with_sentinels(messages: list[dict], keep: int | None = None) -> list[dict]:
+    """`messages` with every content but message `keep`'s replaced by a sentinel that names the message."""
+    # Private-use characters: not whitespace (a trimming template keeps them), and no template adds them.
+    return [m if index == keep else m | {"content": f"\ue000{index}\ue001"} for index, m in enumerate(messages)]
+
+
+def _pieces(tokenizer, messages: list[dict], generation_prompt: bool) -> tuple[str, list[tuple[str, int | None]]]:
+    """The rendering of `messages` and the pieces that make it up, in order: (text, index of the message whose
+    content it is, or None for the template's own text). A content is as the template writes it (LLaMA-3 trims it)."""
+    skeleton = _render(tokenizer, _with_sentinels(messages), generation_prompt)
+    located = []
+    for index in range(len(messages)):
+        sentinel = f"\ue000{index}\ue001"
+        if skeleton.count(sentinel) > 1:
+            raise RuntimeError("the tokenizer's chat template writes a message's content more than once")
+        if sentinel in skeleton:
+            located.append((skeleton.index(sentinel), len(sentinel), index))
+    pieces: list[tuple[str, int | None]] = []
+    position = 0
+    for at, length, index in sorted(located):
+        # This message's content as the template writes it: rendered among the other messages' sentinels, it is
+        # what stands between the skeleton's text before and after its own sentinel.
+        rendered = _render(tokenizer, _with_sentinels(messages, keep=index), generation_prompt)
+        before, after = skeleton[:at], skeleton[at + length :]
+        if len(rendered) < len(before) + len(after) or not (rendered.startswith(before) and rendered.endswith(after)):
+            raise RuntimeError("the tokenizer's chat template renders a message depending on the others' contents")
+        pieces += [(skeleton[position:at], None), (rendered[len(before) : len(rendered) - len(after)], index)]
+        position = at + length
+    pieces.append((skeleton[position:], None))
+    text = "".join(piece for piece, _ in pieces)
+    if text != _render(tokenizer, messages, generation_prompt):
+        raise RuntimeError("the tokenizer's chat template renders message contents depending on each other")
+    return text, pieces
+
+
+def _tokenize(tokenizer, messages: list[dict], generation_prompt: bool = False):
+    """The rendering of `messages`, its token ids, and each token's (start, end) characters in the rendering.
+
+    Message contents are tokenized as text (special-token strings in them become ordinary tokens), except the image
+    placeholder that `chat_messages` put in one of them; the template's own text keeps its special tokens.
+    """
+    text, pieces = _pieces(tokenizer, messages, generation_prompt)
+    runs: list[tuple[int, str, bool]] = []  # (start in the rendering, text, tokenized as plain text?)
+    start = 0
+    for piece, index in pieces:
+        slot = None if index is None else messages[index].get(IMAGE_SLOT)
+        if slot is None:
+            runs.append((start, piece, index is not None))
+        else:
+            at = -1
+            for _ in range(slot + 1):
+                at = piece.find(IMAGE_PLACEHOLDER, at + 1)
+            if at < 0:
+                raise ConversationError(f"the chat template dropped the image placeholder of message {index}")
+            end = at + len(IMAGE_PLACEHOLDER)
+            runs += [
+                (start, piece[:at], True),
+                (start + at, IMAGE_PLACEHOLDER, False),
+                (start + end, piece[end:], True),
+            ]
+        start += len(piece)
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for run_start, run, as_text in runs:
+        if run:
+            encoded = tokenizer(
+                run, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=as_text
+            )
+            ids += encoded["input_ids"]
+            offsets += [(run_start + begin, run_start + end) for begin, end in encoded["offset_mapping"]]
+    return text, ids, offsets
 
 
 def _take_placeholder(tokenizer, ids: list[int], *others: list) -> int:
@@ -122,9 +208,8 @@ def encode_conversation(
 
     Raises `NothingToLearn` when nothing supervised is left after truncation.
     """
-    text = _render(tokenizer, messages)
+    text, ids, offsets = _tokenize(tokenizer, messages)
     spans = assistant_spans(tokenizer, messages, text)
-    ids, offsets = _tokenize(tokenizer, text)
     labels = [
         token if any(end > span_start and start < span_end for span_start, span_end in spans) else IGNORE_INDEX
         for token, (start, end) in zip(ids, offsets, strict=True)
@@ -141,14 +226,8 @@ def encode_conversation(
 
 def encode_prompt(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
     """Token ids of `messages` followed by the assistant header (what generation continues), and the image offset."""
-    ids, _ = _tokenize(tokenizer, _render(tokenizer, messages, generation_prompt=True))
+    _, ids, _ = _tokenize(tokenizer, messages, generation_prompt=True)
     return ids, _take_placeholder(tokenizer, ids)
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Tokens that end an answer: <|eot_id|> (the end of a turn) and the tokenizer's EOS."""
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
-    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
 class ConversationDecoder:
@@ -165,8 +244,9 @@ class ConversationDecoder:
         image_tokens: int,
         max_sequence_tokens: int,
         system_prompt: str = "",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
-        self.images = ImageDecoder(image_processor_path)
+        self.images = ImageDecoder(image_processor_path, max_image_pixels)
         self.tokenizer_path = tokenizer_path
         self.image_tokens, self.max_sequence_tokens = image_tokens, max_sequence_tokens
         self.system_prompt = system_prompt
