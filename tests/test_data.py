@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.captions import CaptionDecoder, collate_captions, iterate_eval_batches
-from pipeline.data.shards import DataError, expand_shards, reader_shards
-from pipeline.data.stream import ShardLoader, SkipLog, SkipSample
+from pipeline.data.captions import CaptionDecoder, ImageDecoder, collate_captions, iterate_eval_batches
+from pipeline.data.shards import DataError, OversizedMember, expand_shards, iter_shard_records, reader_shards
+from pipeline.data.stream import ShardLoader, SkipLog, SkipSample, decode_record
 
 EOS = "<|eot_id|>"
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "on", "the", "grass"]
@@ -429,3 +429,110 @@ def test_iterating_after_close_continues_the_stream(tmp_path):
     loader.close()
     assert first + take_keys(loader, 4) == expected
     loader.close()
+
+
+def damaged_copies(tmp_path: Path) -> dict[str, Path]:
+    """A shard of records r0..r5 and copies damaged after r3's members: cut inside r4's first header, cut where that
+    header starts (no end-of-archive block), and followed by bytes other than zero padding."""
+    whole = write_shard(tmp_path / "whole.tar", [caption_record(f"r{i}") for i in range(6)]).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        r4 = next(info.offset for info in tar.getmembers() if info.name.startswith("r4."))
+    copies = {"cut_in_header": whole[: r4 + 100], "cut_at_header": whole[:r4], "trailing_garbage": whole + b"x" * 700}
+    for name, data in copies.items():
+        (tmp_path / f"{name}.tar").write_bytes(data)
+    return {name: tmp_path / f"{name}.tar" for name in copies}
+
+
+def read_until_error(path: Path) -> tuple[list[str], Exception | None]:
+    keys = []
+    try:
+        for key, _ in iter_shard_records(str(path)):
+            keys.append(key)
+    except Exception as error:
+        return keys, error
+    return keys, None
+
+
+def test_damaged_tars_raise_after_their_intact_records(tmp_path):
+    """A tar cut inside or at a header, or with garbage after its end, is an error (counted as bad_tar by the
+    stream), not a clean end; the records before the damage are read, the record being assembled is dropped."""
+    for name, path in damaged_copies(tmp_path).items():
+        keys, error = read_until_error(path)
+        assert isinstance(error, tarfile.ReadError), (name, error)
+        # Cut after r3's members, r3 itself may be incomplete: only the end-of-archive block proves a last record whole.
+        expected = [f"r{i}" for i in range(6 if name == "trailing_garbage" else 3)]
+        assert keys == expected, name
+    keys, error = read_until_error(write_shard(tmp_path / "intact.tar", [caption_record(f"r{i}") for i in range(6)]))
+    assert error is None and keys == [f"r{i}" for i in range(6)]
+
+
+def test_damaged_tars_are_counted_as_bad_tar(tmp_path):
+    directory = tmp_path / "shards"
+    for path in damaged_copies(tmp_path).values():
+        directory.mkdir(exist_ok=True)
+        path.rename(directory / path.name)
+    loader = key_loader([(str(directory / "*.tar"), 1.0)], num_workers=0, shuffle_buffer=0, micro_batch_size=1)
+    # One pass is 3 + 3 + 6 records; the last shard's damage is found when the 13th is asked for.
+    keys = [key for batch in take_keys(loader, 13) for key in batch]
+    assert sorted(set(keys)) == [f"r{i}" for i in range(6)]
+    assert loader.skip_counts()["bad_tar"] == 3
+
+
+def test_a_member_over_the_size_limit_is_not_read(tmp_path):
+    """A member larger than the limit stands in as an empty OversizedMember, and the stream skips its record as
+    oversized_member, so no shard can make a reader hold an arbitrarily large member in memory."""
+    big = caption_record("big")
+    big[1]["jpg"] = b"\xff" * 5000
+    path = write_shard(tmp_path / "00000.tar", [caption_record("a"), big, caption_record("b")])
+    records = dict(iter_shard_records(str(path), max_member_bytes=1000))
+    assert isinstance(records["big"]["jpg"], OversizedMember) and records["big"]["jpg"].size == 5000
+    assert records["big"]["txt"] == b"a photo of a cat" and records["a"]["jpg"] == JPEG
+    with pytest.raises(SkipSample, match="oversized_member"):
+        decode_record(decode_key, records["big"], "big")
+
+
+def test_image_decoder_keeps_odd_images_and_refuses_oversized_ones(caption_decoder):
+    """CMYK, grayscale, alpha, palette and 1-pixel images decode to the processor's RGB tensor; an image over the
+    pixel cap is skipped as oversized_image before it is decoded; a large JPEG is decoded at a draft scale."""
+    decoder = caption_decoder.images
+
+    def encoded(image: Image.Image, fmt: str) -> bytes:
+        out = io.BytesIO()
+        image.save(out, fmt)
+        return out.getvalue()
+
+    for image, fmt in (
+        (Image.new("CMYK", (40, 30), (0, 200, 200, 0)), "JPEG"),
+        (Image.new("L", (40, 30), 90), "JPEG"),
+        (Image.new("RGBA", (40, 30), (1, 2, 3, 0)), "PNG"),
+        (Image.new("LA", (40, 30), (1, 0)), "PNG"),
+        (Image.new("P", (40, 30), 7), "PNG"),
+        (Image.new("RGB", (1, 1), (255, 0, 0)), "PNG"),
+    ):
+        assert decoder(encoded(image, fmt))["pixel_values"].shape == (3, 32, 32), image.mode
+    limited = ImageDecoder(decoder.image_processor_path, max_image_pixels=100 * 100)
+    with pytest.raises(SkipSample, match="oversized_image"):
+        limited(encoded(Image.new("RGB", (101, 100)), "PNG"))
+    # 800 x 800 at the smallest draft scale that still covers 32 px (1/8) is 100 x 100: within the cap.
+    assert limited(encoded(Image.new("RGB", (800, 800), (5, 5, 5)), "JPEG"))["pixel_values"].shape == (3, 32, 32)
+
+
+def test_caption_that_is_not_utf8_is_skipped_as_bad_caption(caption_decoder):
+    with pytest.raises(SkipSample, match="bad_caption"):
+        caption_decoder({"jpg": JPEG, "txt": "caf\xe9".encode("latin-1")}, "k")
+
+
+def test_partial_checkpoints_are_removed(tmp_path):
+    """Checkpoint folders without COMPLETE go: all of them at resume, the older ones after a save."""
+    from pipeline.training.checkpoint import COMPLETE_MARKER, remove_partial_checkpoints
+
+    for step, complete in ((2, False), (4, True), (6, False), (8, True), (9, False)):
+        path = tmp_path / f"step_{step:08d}"
+        path.mkdir()
+        if complete:
+            (path / COMPLETE_MARKER).write_text(f"{step}\n")
+    (tmp_path / "latest").write_text("step_00000008")
+    remove_partial_checkpoints(tmp_path, before_step=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000004", "step_00000008", "step_00000009"]
+    remove_partial_checkpoints(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000004", "step_00000008"]

@@ -190,9 +190,10 @@ def iter_shard_records(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> It
                 members[extension] = archive.extractfile(info).read()
             # Stream mode keeps every TarInfo otherwise; a 10k-sample shard would hold them all.
             archive.members = []
-        _check_clean_end(archive)
-        if members:
+        _check_end_block(archive)
+        if members:  # complete: the end-of-archive block follows it
             yield key, members
+        _check_padding(archive)
         completed = True
     finally:
         try:
@@ -204,12 +205,16 @@ def iter_shard_records(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> It
                 raise
 
 
-def _check_clean_end(archive: tarfile.TarFile) -> None:
-    """Raise `tarfile.ReadError` unless the archive ended at its end-of-archive block, followed by zeros only."""
+def _check_end_block(archive: tarfile.TarFile) -> None:
+    """Raise `tarfile.ReadError` unless the archive's members ended at its end-of-archive (zero) block."""
     error = getattr(archive, "end_error", None)
     if not isinstance(error, tarfile.EOFHeaderError):
         what = "no end-of-archive block" if error is None else str(error)
         raise tarfile.ReadError(f"cut short at byte {archive.offset} ({what})")
+
+
+def _check_padding(archive: tarfile.TarFile) -> None:
+    """Raise `tarfile.ReadError` if anything but zero padding follows the end-of-archive block."""
     while chunk := archive.fileobj.read(1 << 16):
         if chunk.count(0) != len(chunk):
             raise tarfile.ReadError(f"bytes other than zero padding after the end-of-archive block at {archive.offset}")
