@@ -1,4 +1,4 @@
-"""Must-show (b) and (c): exact resume, and bad data skipped and counted while training goes on.
+"""Exact resume, partial checkpoints cleared at resume, and bad data skipped and counted while training goes on.
 
 Runs the real entry point (`python -m pipeline.train`) on tiny models and toy shards, with two data-loader workers
 so that resume must restore the worker rotation as well as the shuffle buffers.
@@ -39,7 +39,7 @@ def shards_with_bad_data(tmp_path_factory) -> Path:
         source = tarfile.open(paths[1])
         for member in source.getmembers():
             add_member(tar, "8" + member.name, source.extractfile(member).read())
-    # Cut inside the data of a member halfway through: a cut that lands in a header would read as a clean end.
+    # Cut inside the data of a member halfway through (cuts in and at headers: tests/test_data.py).
     middle = tarfile.open(fileobj=io.BytesIO(whole.getvalue())).getmembers()[len(source.getmembers()) // 2]
     (root / "00005.tar").write_bytes(whole.getvalue()[: middle.offset_data + middle.size // 2])
     return root
@@ -94,7 +94,13 @@ def test_resume_reproduces_uninterrupted_run(tiny_models, shards_with_bad_data, 
     train(resumed, tiny_models, shards_with_bad_data, "train.stop_after_steps=4")
     assert (resumed / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
     assert not (resumed / "export").exists(), "a stopped run is not finished"
+    # What a rank killed mid-write leaves: checkpoint folders without COMPLETE, before and after the newest one.
+    for step in (2, 6):
+        (resumed / "checkpoints" / f"step_{step:08d}").mkdir()
+        (resumed / "checkpoints" / f"step_{step:08d}" / "rank_00000.pt").write_bytes(b"partial")
     train(resumed, tiny_models, shards_with_bad_data, "train.stop_after_steps=0", resume=True)
+    left = sorted(path.name for path in (resumed / "checkpoints").glob("step_*"))
+    assert left == ["step_00000004", "step_00000010"], left
 
     losses = {r["step"]: r["loss"] for r in read_jsonl(straight / "metrics.jsonl")}
     resumed_losses = {r["step"]: r["loss"] for r in read_jsonl(resumed / "metrics.jsonl")}
