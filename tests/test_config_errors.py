@@ -124,8 +124,9 @@ def test_mistake_fails_fast_with_one_line(inputs, overrides, env_extra, expected
     args = ["--config", "configs/toy.yaml", *base_overrides(inputs, run_dir)]
     args += [override.replace("R/", f"{root}/") for override in overrides]
     proc, seconds = run_entry(args, env_extra=env_extra)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    print(f"\n{seconds:.2f} s, exit {proc.returncode}: {lines[-1] if lines else ''}")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -14,10 +14,10 @@ color of ..." were only ever asked of the background, the held-out "what is the 
 answered with the background's colour (docs/performance.md).
 `write_vqa_files` asks the held-out phrasings about held-out images, in the VQA
 questions/annotations format that `pipeline.eval --task vqa` and `evaluate_vqa` read (ten identical human answers per
-question, so an answer scores 1 or 0; counts as digits, as in VQAv2's annotations, which the metric's normalisation
-of answers expects).
+question, so an answer scores 1 or 0; with unanimous answers the official metric compares the prediction as
+generated, so the short answers are taught in the annotations' form: lower case, counts as digits, as in VQAv2).
 
-The world has one shape, always centred, so position and count questions have one answer ("centre", "one"): the
+The world has one shape, always centred, so position and count questions have one answer ("centre", "1"): the
 random vision tower cannot see the shape of off-centre objects (docs/performance.md).
 """
 
@@ -28,7 +28,6 @@ import random
 from pathlib import Path
 
 from pipeline.evaluation.benchmarks import PROMPT_TEMPLATES
-from pipeline.evaluation.vqa_metric import NUMBER_WORDS
 from pipeline.toy import world
 
 SHORT_ANSWER = PROMPT_TEMPLATES["vqa"].split("\n", 1)[1]
@@ -81,7 +80,7 @@ def questions(attrs: dict) -> dict[str, tuple[list[str], list[str], str, str]]:
         "count": (
             ["how many shapes are there ?", "how many shapes are in the picture ?"],
             ["how many shapes are in the image ?"],
-            "one",
+            "1",  # a short answer counts in digits, as VQAv2's annotations do (the metric compares them as typed)
             "there is one shape .",
         ),
         "position": (
@@ -146,7 +145,6 @@ def write_vqa_files(
         kinds = questions(record["attrs"])
         for kind in rng.sample(sorted(kinds), per_image):
             training, held_out, answer, _ = kinds[kind]
-            answer = NUMBER_WORDS.get(answer, answer)  # annotation files hold digits, as VQAv2's do
             question_id = len(questions_out)
             asked = rng.choice(held_out if phrasings == "held_out" else training)
             questions_out.append({"image_id": record["id"], "question": asked, "question_id": question_id})
