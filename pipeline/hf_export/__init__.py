@@ -1,0 +1,11 @@
+"""The code files of an exported Hugging Face model directory (`python -m pipeline.export_hf`).
+
+`configuration_anymal.py`, `modeling_anymal.py` and `processing_anymal.py` are copied as they are into the export,
+where transformers loads them with `trust_remote_code=True`. They import only torch, transformers (and peft for an
+unmerged adapter), never `pipeline`, so that the export works in a Python without this repository.
+"""
+
+from pathlib import Path
+
+TEMPLATE_DIR = Path(__file__).resolve().parent
+TEMPLATE_FILES = ("configuration_anymal.py", "modeling_anymal.py", "processing_anymal.py")
