@@ -10,9 +10,11 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test test-fast lint clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	# The project itself, editable: `import pipeline` works from any directory (workers, benchmarks, scripts).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	# The real LLaMA-3 tokenizer files for the label tests; its pinned dependencies are stale, so it goes
 	# --no-deps into its own folder, outside site-packages, where pip check does not see it.
@@ -27,6 +29,7 @@ demo: setup
 
 test: setup
 	bash launch/install_slurm.sh || echo "make test: Slurm could not be installed; tests/test_slurm.py will skip"
+	bash launch/install_browser.sh || echo "make test: Chromium could not be installed; the browser tests will skip"
 	$(PY) -m pytest -q tests
 
 test-fast: setup
@@ -35,6 +38,7 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf runs .cache .pytest_cache

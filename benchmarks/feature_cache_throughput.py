@@ -5,7 +5,7 @@
 
 In one process, on the same tower (saved and loaded back as the job loads it, layers after feature_layer dropped):
   1. the bare forward: `VisionTower` in bf16 on random pixels already on the GPU, batch 256, inference mode;
-  2. the whole job (`pipeline.data.feature_cache.cache_features`) on synthetic img2dataset shards of JPEGs it
+  2. the whole job (`pipeline.prep.feature_cache.cache_features`) on synthetic img2dataset shards of JPEGs it
      writes first (256 px short side and q95, as data_prep/img2dataset.sh stores LAION), from tar to written,
      hashed and renamed feature shard. Its steady rate is taken between 10% and 90% of the images, so worker start
      and the last shard's tail are left out; the wall rate of the whole call is reported too;
@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.common.dtypes import torch_dtype
+from pipeline.config import VisionConfig, load_config
+from pipeline.model.anymal import AnyMAL, build_resampler
+from pipeline.model.reference import clip_vit_l14_config, llama3_8b_config
+from pipeline.model.vision import load_vision_tower
+from pipeline.prep.feature_cache import cache_features, default_num_workers
 
-from pipeline.config import VisionConfig, load_config  # noqa: E402
-from pipeline.data.feature_cache import cache_features, default_num_workers  # noqa: E402
-from pipeline.model.anymal import AnyMAL, build_resampler  # noqa: E402
-from pipeline.model.reference import clip_vit_l14_config, llama3_8b_config  # noqa: E402
-from pipeline.model.vision import load_vision_tower, torch_dtype  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # openai/clip-vit-large-patch14's preprocessor_config.json, so the job loads the class training loads.
 OPENAI_CLIP_PREPROCESSOR = {

@@ -20,12 +20,10 @@ import json
 import os
 import random
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def write_models(work: Path) -> None:

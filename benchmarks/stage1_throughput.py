@@ -18,13 +18,9 @@ Variants:
                 through DeepSpeed ZeRO-2: packed rows laid out on the host, loss at supervised positions only, global
                 token-mean normalisation; SDPA over the packed row's mask.
   +flex         flex attention (block-sparse over the packed row) instead of SDPA.
-  +varlen       PyTorch's variable-length flash attention over the samples' boundaries (pipeline/model/attention.py);
-                LLaMA's layers spelled out over the packed row with q/k/v fused, and the last layer only at
-                the rows the loss reads (pipeline/model/llama_layers.py), unless:
+  +varlen       PyTorch's variable-length flash attention over the samples' boundaries (pipeline/model/attention.py),
+                through HF's decoder layers; the last layer's MLP runs only at the rows the loss reads, unless:
   +full         the last layer computes every row.
-  +hflayers     HF's LlamaDecoderLayer runs each layer (the boundaries passed as kwargs), instead of the layer
-                spelled out over the packed row with q/k/v as one GEMM (pipeline/model/llama_layers.py).
-  +unfused      the spelled-out layer with q/k/v as three GEMMs (as adapted layers would run it; stage 2 runs HF's).
   +overlap      ZeRO-2's overlap_comm on (stage 1's ds_configs/zero2_stage1.json has it off: it synchronizes the
                 device after every micro batch's backward, and the resampler's gradients come last, with nothing
                 left to overlap). Stage 2's zero2.json keeps it on: its adapters' gradients come all through the
@@ -60,14 +56,9 @@ import argparse
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from common import (
     attention_of,
     check_varlen_kernel,
     compile_decoder_layers,
@@ -84,12 +75,14 @@ from benchmarks.common import (  # noqa: E402
     save,
     trace_path,
 )
-from pipeline.config import RunConfig  # noqa: E402
-from pipeline.model.anymal import AnyMAL, build_resampler, caption_sequence  # noqa: E402
-from pipeline.model.attention import register_varlen  # noqa: E402
-from pipeline.model.reference import CLIP_VIT_L14, llama3_8b_config  # noqa: E402
-from pipeline.training.metrics import llm_flop_parameters, peak_tflops, step_flops  # noqa: E402
-from pipeline.training.stages import parameter_count  # noqa: E402
+
+from pipeline.config import RunConfig
+from pipeline.model.anymal import AnyMAL, build_resampler
+from pipeline.model.attention import register_varlen
+from pipeline.model.layout import caption_sequence
+from pipeline.model.reference import CLIP_VIT_L14, llama3_8b_config
+from pipeline.training.metrics import llm_flop_parameters, peak_tflops, step_flops
+from pipeline.training.stages import parameter_count
 
 MEAN_CAPTION_TOKENS = 18.0
 CAPTION_SIGMA = 0.5
@@ -197,7 +190,7 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, accumulation: int, varia
     import torch.distributed as dist
 
     from pipeline.training.distributed import DistEnv, init_distributed
-    from pipeline.training.stages import CaptionStage
+    from pipeline.training.stages import stage_for
     from pipeline.training.trainer import Trainer
 
     config = RunConfig()
@@ -209,8 +202,8 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, accumulation: int, varia
     if not dist.is_initialized():
         init_distributed("nccl" if DEVICE.type == "cuda" else "gloo")
     model = AnyMAL(None, resampler, llm, bos, eos, pad, packing=True, max_caption_tokens=64)
-    configure_layers(model, variant)
-    trainer = Trainer(config, CaptionStage(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
+    configure_layers(variant)
+    trainer = Trainer(config, stage_for(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
     text_on_device = "+devicelayout" in variant
 
     def step(micro_batches):

@@ -23,10 +23,7 @@ Each run is VARIANT@MICRO_BATCH. Variants:
                     positions only, global token-mean normalisation; SDPA unless:
   +flex / +varlen   flex attention / PyTorch's variable-length flash attention over the packed row;
   +compile          each decoder layer compiled (dynamic shapes); it stays compiled for later runs of that model.
-  +full             the last layer computes every row (by default it computes only the rows the loss reads).
-  +unfused          the LLaMA layer spelled out over the packed row (pipeline/model/llama_layers.py), q/k/v through
-                    the adapters' three projections, instead of HF's layer. (Stage 1's frozen layers fuse q/k/v into
-                    one GEMM and run spelled out; adapted ones cannot fuse, so HF's layer is the default here.)
+  +full             the last layer computes every row (by default its MLP runs only at the rows the loss reads).
   +dstimers         DeepSpeed's throughput timer on, as in stage1_throughput.py (ds_configs/zero2.json, stage 2's, has
                     it off and overlap_comm on); the pipeline runs of one process share one engine, so the first
                     pipeline run's settings hold for all.
@@ -45,14 +42,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from common import (
     attention_of,
     compile_decoder_layers,
     configure_layers,
@@ -68,13 +60,16 @@ from benchmarks.common import (  # noqa: E402
     save,
     trace_path,
 )
-from pipeline.config import RunConfig  # noqa: E402
-from pipeline.model.anymal import IGNORE_INDEX, AnyMAL, build_resampler, pad_samples  # noqa: E402
-from pipeline.model.attention import register_varlen  # noqa: E402
-from pipeline.model.lora import add_lora  # noqa: E402
-from pipeline.model.reference import CLIP_VIT_L14, llama3_8b_config  # noqa: E402
-from pipeline.training.metrics import llm_flop_parameters, peak_tflops, step_flops  # noqa: E402
-from pipeline.training.stages import parameter_count  # noqa: E402
+
+from pipeline.common.labels import IGNORE_INDEX
+from pipeline.config import RunConfig
+from pipeline.model.anymal import AnyMAL, build_resampler
+from pipeline.model.attention import register_varlen
+from pipeline.model.layout import pad_samples
+from pipeline.model.lora import add_lora
+from pipeline.model.reference import CLIP_VIT_L14, llama3_8b_config
+from pipeline.training.metrics import llm_flop_parameters, peak_tflops, step_flops
+from pipeline.training.stages import parameter_count
 
 MEAN_TEXT_TOKENS = 300.0
 TEXT_SIGMA = 0.6
@@ -217,7 +212,7 @@ def pipeline_step(model: AnyMAL, micro: int, variant: str):
     import torch.distributed as dist
 
     from pipeline.training.distributed import DistEnv, init_distributed
-    from pipeline.training.stages import InstructStage
+    from pipeline.training.stages import stage_for
     from pipeline.training.trainer import Trainer
 
     config = RunConfig()
@@ -230,7 +225,7 @@ def pipeline_step(model: AnyMAL, micro: int, variant: str):
     config.train.deepspeed_config = deepspeed_config_of(variant, config.train.deepspeed_config)
     if not dist.is_initialized():
         init_distributed("nccl" if DEVICE.type == "cuda" else "gloo")
-    trainer = Trainer(config, InstructStage(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
+    trainer = Trainer(config, stage_for(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
 
     def step(batch):
         totals = trainer.train_step([batch])
@@ -330,7 +325,7 @@ def main():
                 if variant.endswith("baseline"):
                     step = baseline_step(model)
                 else:
-                    configure_layers(model, variant)
+                    configure_layers(variant)
                     trainer_step = trainer_step or pipeline_step(model, micro, variant)
                     step = trainer_step
                 run = measure(

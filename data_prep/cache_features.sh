@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cache the CLIP features of img2dataset shards, for stage-1 runs with data.input=features.
 #
-# A thin wrapper around `python -m pipeline.data.feature_cache` (its --help lists every option), runnable from
+# A thin wrapper around `python -m pipeline.prep.feature_cache` (its --help lists every option), runnable from
 # any directory. One process per GPU: under torchrun or srun, or as a SLURM array task, each process reads its
 # rank from the environment and takes every world-th shard; rerunning the same command finishes what is missing.
 #
@@ -32,4 +32,4 @@ if [[ $# -eq 0 || "$1" == "-h" || "$1" == "--help" ]]; then
 fi
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m pipeline.data.feature_cache "$@"
+exec "${PYTHON:-python3}" -m pipeline.prep.feature_cache "$@"

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from PIL import Image, UnidentifiedImageError
 
-    from pipeline.evaluation.loading import read_manifest
+    from pipeline.inference.loading import read_manifest
 
     try:
         _, manifest = read_manifest(args.model)
@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import CLIPImageProcessor, TextStreamer
 
-    from pipeline.evaluation.loading import load_instruct
-    from pipeline.evaluation.runner import InstructAnswerer
+    from pipeline.inference.answering import InstructAnswerer
+    from pipeline.inference.loading import load_instruct
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, manifest = load_instruct(args.model, device, quantization=args.quantization)

@@ -75,7 +75,7 @@ def cache_features(shard_root: Path, split: str, models: dict) -> Path:
         [
             sys.executable,
             "-m",
-            "pipeline.data.feature_cache",
+            "pipeline.prep.feature_cache",
             "run",
             "--config",
             "configs/toy.yaml",
@@ -155,8 +155,8 @@ def evaluate_stage2(run_dir: Path, vqa: dict) -> dict:
     from transformers import CLIPImageProcessor
 
     from pipeline.evaluation.benchmarks import evaluate_vqa, read_vqa_benchmark
-    from pipeline.evaluation.loading import load_instruct
-    from pipeline.evaluation.runner import InstructAnswerer
+    from pipeline.inference.answering import InstructAnswerer
+    from pipeline.inference.loading import load_instruct
 
     model, tokenizer, manifest = load_instruct(run_dir)
     answerer = InstructAnswerer(
@@ -172,8 +172,8 @@ def evaluate_stage2(run_dir: Path, vqa: dict) -> dict:
 
 def evaluate_stage1(run_dir: Path, shard_root: Path) -> dict:
     from pipeline.data.shards import expand_shards
-    from pipeline.evaluation.benchmarks import evaluate_toy_captions
-    from pipeline.evaluation.loading import load_run
+    from pipeline.inference.loading import load_run
+    from pipeline.toy.captions import evaluate_toy_captions
 
     model, tokenizer, config = load_run(run_dir)
     shards = expand_shards(f"{shard_root}/val/*.tar", "demo val shards")

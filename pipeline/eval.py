@@ -145,12 +145,14 @@ def evaluate(args, benchmark, device) -> dict | None:
         return evaluate_instruct(args, benchmark, device)
     from transformers import CLIPImageProcessor
 
-    from pipeline.evaluation.loading import load_run
-    from pipeline.evaluation.runner import Stage1Captioner
+    from pipeline.inference.answering import Stage1Captioner
+    from pipeline.inference.loading import load_run
 
     model, tokenizer, config = load_run(args.run, device)
     if args.task == "toy_caption":
-        return benchmarks.evaluate_toy_captions(
+        from pipeline.toy.captions import evaluate_toy_captions
+
+        return evaluate_toy_captions(
             model,
             tokenizer,
             config,
@@ -177,8 +179,8 @@ def evaluate_instruct(args, benchmark, device) -> dict | None:
     """VQA or captioning with a stage-2 model: its answers to the benchmark's documented prompts."""
     from transformers import CLIPImageProcessor
 
-    from pipeline.evaluation.loading import find_instruct_export, load_instruct
-    from pipeline.evaluation.runner import InstructAnswerer
+    from pipeline.inference.answering import InstructAnswerer
+    from pipeline.inference.loading import find_instruct_export, load_instruct
 
     model, tokenizer, manifest = load_instruct(args.run, device)
     answerer = InstructAnswerer(

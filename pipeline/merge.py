@@ -19,8 +19,8 @@ from pipeline.config import ConfigError
 
 
 def merge(path: str | Path, out_dir: str | Path) -> Path:
-    from pipeline.evaluation.loading import load_instruct, read_manifest
-    from pipeline.training.export import MANIFEST
+    from pipeline.inference.export import MANIFEST
+    from pipeline.inference.loading import load_instruct, read_manifest
 
     export_dir, manifest = read_manifest(path)
     if manifest["merged"]:

@@ -63,37 +63,13 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     root.setLevel(logging.INFO)
 
 
-def build_stage(config: RunConfig, tokenizer, device):
-    """The model on `device`, frozen for the run's stage, inside that stage (what the trainer needs of it)."""
-    from pipeline.model.anymal import build_anymal
-    from pipeline.training.stages import CaptionStage, InstructStage
-
-    model = build_anymal(config.model, tokenizer, load_vision=config.data.input == "images", device=device)
-    if model.vision is not None:
-        model.vision.to(device)
-    if config.model.llm.quantization == "none":  # a quantized LLM was loaded onto the device
-        model.llm.to(device)
-    if config.stage == 1:
-        return CaptionStage(model, config)
-    from pipeline.model.lora import add_lora
-    from pipeline.training.export import load_stage1_resampler
-
-    if config.model.stage1_resampler:
-        model.resampler, source = load_stage1_resampler(config.model.stage1_resampler)
-        log.info("stage-1 resampler from %s", source)
-    else:
-        log.warning("model.stage1_resampler is empty: stage 2 starts from a freshly initialised resampler")
-    model.resampler.to(device)
-    model.llm = add_lora(model.llm, config.model.lora)
-    return InstructStage(model, config)
-
-
 def run(config: RunConfig) -> str:
     from transformers import AutoTokenizer
 
     from pipeline.data.loaders import build_train_loader, build_val_batches
     from pipeline.prep.offline import enforce_offline
     from pipeline.training.distributed import device_for, init_distributed
+    from pipeline.training.stages import build_stage
     from pipeline.training.trainer import Trainer, make_metrics_logger
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

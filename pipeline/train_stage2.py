@@ -5,7 +5,7 @@ the LLM train, the LLM's base weights stay frozen in bf16 or 4-bit (`model.llm.q
 `pipeline.train`'s story with the stage-2 parts (`pipeline.training.stages.InstructStage`, conversation shards from
 `data_prep/llava_to_shards.sh`): the same launchers, config system, token-normalised loss, checkpoints, exact resume,
 stop signals, validation and logging. At the end, `<run_dir>/export/` holds the adapter (peft format), the resampler
-and a manifest (see `pipeline.training.export`); then `<run_dir>/FINISHED` is written.
+and a manifest (see `pipeline.inference.export`); then `<run_dir>/FINISHED` is written.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from pipeline.common.labels import IGNORE_INDEX
 from pipeline.data.conversations import (
     IMAGE_PLACEHOLDER,
     ConversationDecoder,
@@ -25,8 +26,7 @@ from pipeline.data.conversations import (
     encode_conversation,
     encode_prompt,
 )
-from pipeline.data.stream import SkipSample
-from pipeline.model.anymal import IGNORE_INDEX
+from pipeline.data.skips import SkipSample
 
 # meta-llama/Meta-Llama-3-8B-Instruct, tokenizer_config.json "chat_template", as released.
 LLAMA3_INSTRUCT_TEMPLATE = (
@@ -272,7 +272,7 @@ def test_user_text_cannot_forge_an_assistant_turn_in_training_or_chat(llama3):
 
 def test_chat_answerer_sends_typed_special_tokens_as_text(llama3):
     """The chat's answerer (InstructAnswerer, what `pipeline.chat` runs) builds its prompt the same way."""
-    from pipeline.evaluation.runner import InstructAnswerer
+    from pipeline.inference.answering import InstructAnswerer
 
     class RecordingModel:
         resampler = torch.nn.Linear(1, 1)

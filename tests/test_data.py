@@ -22,7 +22,8 @@ from PIL import Image
 
 from pipeline.data.captions import CaptionDecoder, ImageDecoder, collate_captions, iterate_eval_batches
 from pipeline.data.shards import DataError, OversizedMember, expand_shards, iter_shard_records, reader_shards
-from pipeline.data.stream import ShardLoader, SkipLog, SkipSample, decode_record
+from pipeline.data.skips import SkipLog, SkipSample, decode_record
+from pipeline.data.stream import ShardLoader
 
 EOS = "<|eot_id|>"
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "on", "the", "grass"]

@@ -438,8 +438,8 @@ def make_stage1_run(tiny_models: Path, run: Path) -> Path:
     from transformers import CLIPVisionConfig
 
     from pipeline.config import load_config, save_config, to_dict
+    from pipeline.inference.export import export_resampler
     from pipeline.model.anymal import build_resampler
-    from pipeline.training.export import export_resampler
 
     config = load_config(
         Path(__file__).parents[1] / "configs/toy.yaml",

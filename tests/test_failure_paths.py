@@ -283,7 +283,7 @@ def test_worker_memory_stays_bounded_on_a_decompression_bomb(tiny_models, bomb_j
 import json, time
 from PIL import Image
 from pipeline.data.captions import ImageDecoder
-from pipeline.data.stream import SkipSample
+from pipeline.data.skips import SkipSample
 
 def peak_mb_of(work):
     # Reset the kernel's high-water mark of this process's resident memory, then read it after the work.

@@ -1,7 +1,7 @@
 """Cached CLIP features: the caching job, its restart and `verify`, and stage 1 trained from its shards.
 
 Tiny CLIP (64 px, [65, 128] features) and toy-world shards from conftest; the job runs in-process where only its
-output matters, and as `python -m pipeline.data.feature_cache` where it is killed and restarted.
+output matters, and as `python -m pipeline.prep.feature_cache` where it is killed and restarted.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from conftest import add_member, three_step_overrides, write_caption_shards
 
 from pipeline.config import load_config
 from pipeline.data.captions import CaptionDecoder, collate_captions, iterate_eval_batches
-from pipeline.data.feature_cache import cache_features, main, rank_and_world
 from pipeline.data.features import (
     FEATURES_MEMBER,
     FeatureDecoder,
@@ -33,7 +32,8 @@ from pipeline.data.features import (
     features_header,
 )
 from pipeline.data.shards import DataError
-from pipeline.data.stream import SkipSample
+from pipeline.data.skips import SkipSample
+from pipeline.prep.feature_cache import cache_features, main, rank_and_world
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_SHARD = 48  # enough for the kill below to land while shard 1 is being written
@@ -178,7 +178,7 @@ def test_killed_job_resumes_to_byte_identical_output(tiny_models, image_shards, 
     command = [
         sys.executable,
         "-m",
-        "pipeline.data.feature_cache",
+        "pipeline.prep.feature_cache",
         "run",
         "--config",
         "configs/toy.yaml",
@@ -346,7 +346,7 @@ def test_verify_reports_interrupted_and_missing_shards(cached, image_shards, tmp
 
 
 def test_sample_metadata_json_keeps_the_source_and_is_deterministic():
-    from pipeline.data.feature_cache import sample_metadata
+    from pipeline.prep.feature_encoding import sample_metadata
 
     entry = {"model": "m", "dtype": "float16"}
     source = json.dumps({"url": "http://x/1.jpg", "key": "000000001", "width": 256}).encode()

@@ -5,8 +5,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
+from pipeline.common.labels import IGNORE_INDEX
 from pipeline.config import load_config
-from pipeline.model.anymal import IGNORE_INDEX, build_resampler, caption_sequence
+from pipeline.model.anymal import build_resampler
+from pipeline.model.layout import caption_sequence
 from pipeline.model.reference import CLIP_VIT_L14, llama3_8b_config
 
 ROOT = Path(__file__).resolve().parents[1]

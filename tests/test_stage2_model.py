@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor
 
+from pipeline.common.labels import IGNORE_INDEX
 from pipeline.config import load_config, to_dict
 from pipeline.data.conversations import chat_messages, collate_conversations, encode_conversation
-from pipeline.evaluation.runner import InstructAnswerer
-from pipeline.model.anymal import IGNORE_INDEX, build_anymal
-from pipeline.model.lora import add_lora
+from pipeline.inference.answering import InstructAnswerer
+from pipeline.model.anymal import build_anymal
 from pipeline.toy.world import render_image, sample_attributes
+from pipeline.training.stages import stage_for
 
 QUESTIONS = ["what colour is the shape ?", "how many shapes are there ? is it a star ?", "what size is it ?"]
 
@@ -38,12 +39,10 @@ def stage2_config(tiny_models, *overrides):
 def stage2_model(config, seed: int = 0):
     tokenizer = AutoTokenizer.from_pretrained(config.model.llm.model)
     torch.manual_seed(seed)
-    model = build_anymal(config.model, tokenizer)
-    model.llm = add_lora(model.llm, config.model.lora)
+    model = stage_for(build_anymal(config.model, tokenizer), config).model
     for name, param in model.llm.named_parameters():
         if "lora_B" in name:  # B = 0 at initialisation would make the adapter a no-op
             torch.nn.init.normal_(param, std=0.2)
-    model.freeze_for_stage2()
     return model.eval(), tokenizer
 
 
@@ -76,14 +75,12 @@ def conversation_batch(tokenizer, config, pixel_values) -> dict:
     return collate_conversations(samples)
 
 
-@pytest.mark.parametrize("attn,fuse_qkv", [("sdpa", True), ("varlen", True), ("varlen", False)])
-def test_packed_equals_padded_loss_and_gradients(tiny_models, attn, fuse_qkv):
-    """Adapted q/k/v cannot fuse, so packed varlen rows run HF's layers; with `fuse_qkv` off they run the layer
-    spelled out (`pipeline/model/llama_layers.py`) through the adapters' projections. Both equal padded rows."""
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+def test_packed_equals_padded_loss_and_gradients(tiny_models, attn):
+    """Packed rows through the adapted layers (under SDPA's mask, or with the varlen boundaries and the last layer's
+    MLP at the loss rows) give the padded rows' loss and the gradients of every trained parameter."""
     config = stage2_config(tiny_models, f"model.llm.attn_implementation={attn}")
     model, tokenizer = stage2_model(config)
-    model.fuse_qkv = fuse_qkv
-    assert model._spelled_out_layers(model.llm.get_decoder().layers) == (not fuse_qkv)
     pixels = CLIPImageProcessor.from_pretrained(tiny_models / "clip")(images=images(3), return_tensors="pt")
     batch = conversation_batch(tokenizer, config, pixels["pixel_values"])
     results = {}
@@ -112,9 +109,7 @@ def test_qlora_forward_and_backward_on_cpu(tiny_models):
     config = stage2_config(tiny_models, "model.llm.quantization=nf4", "model.llm.dtype=bfloat16")
     tokenizer = AutoTokenizer.from_pretrained(config.model.llm.model)
     torch.manual_seed(0)
-    model = build_anymal(config.model, tokenizer, device="cpu")
-    model.llm = add_lora(model.llm, config.model.lora)
-    model.freeze_for_stage2()
+    model = stage_for(build_anymal(config.model, tokenizer, device="cpu"), config).model
     projection = model.llm.get_decoder().layers[0].self_attn.q_proj
     assert isinstance(projection.base_layer, Linear4bit) and projection.base_layer.weight.dtype == torch.uint8
     assert projection.base_layer.weight.quant_state.nested  # double quantisation
@@ -132,7 +127,7 @@ def test_qlora_forward_and_backward_on_cpu(tiny_models):
 @pytest.fixture(scope="module")
 def exported(tiny_models, tmp_path_factory):
     """A stage-2 model with random adapters, its answers before export, and its export directory."""
-    from pipeline.training.export import export_stage2
+    from pipeline.inference.export import export_stage2
 
     config = stage2_config(tiny_models)
     model, tokenizer = stage2_model(config, seed=3)
@@ -215,8 +210,9 @@ def test_merged_model_equals_base_plus_adapter(exported):
 
 def test_stage1_resampler_loads_from_export_and_checkpoint(tiny_models, tmp_path):
     from pipeline.config import save_config
+    from pipeline.inference.export import export_resampler
     from pipeline.model.anymal import build_resampler
-    from pipeline.training.export import export_resampler, load_stage1_resampler
+    from pipeline.training.stages import load_stage1_resampler
 
     config = load_config(
         "configs/toy.yaml", [f"model.vision.model={tiny_models}/clip", f"model.llm.model={tiny_models}/llm"]
@@ -227,7 +223,9 @@ def test_stage1_resampler_loads_from_export_and_checkpoint(tiny_models, tmp_path
     checkpoint = run / "checkpoints" / "step_00000010"
     checkpoint.mkdir(parents=True)
     save_config(config, run / "config.yaml")
-    torch.save({"module": resampler.state_dict()}, checkpoint / "mp_rank_00_model_states.pt")
+    # As the engine saves `TrainableParts`: the resampler's keys under "resampler.".
+    states = {f"resampler.{name}": tensor for name, tensor in resampler.state_dict().items()}
+    torch.save({"module": states}, checkpoint / "mp_rank_00_model_states.pt")
     (checkpoint / "COMPLETE").write_text("10\n")
     export_resampler(resampler, run / "export", to_dict(config.model), step=10)
     features = torch.randn(2, 65, 128)

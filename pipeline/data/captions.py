@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.shards import iter_shard_records
-from pipeline.data.stream import Collate, Decoder, SkipLog, SkipSample, decode_record, describe_error
+from pipeline.data.skips import Collate, Decoder, SkipLog, SkipSample, decode_record, describe_error
 
 CAPTION_MEMBER = "txt"
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.common.labels import IGNORE_INDEX
 from pipeline.data.captions import IMAGE_MEMBERS, MAX_IMAGE_PIXELS, ImageDecoder
-from pipeline.data.stream import SkipSample, describe_error
-from pipeline.model.anymal import IGNORE_INDEX
+from pipeline.data.skips import SkipSample, describe_error
 
 IMAGE_TAG = "<image>"
 # A special token of LLaMA-3's vocabulary (and of the toy tokenizer's) that no text uses: where it lands after

@@ -1,7 +1,7 @@
 """Feature shards: cached CLIP features of image shards, their byte format, and the decoder that trains from them.
 
 A feature shard is a plain webdataset tar with the same samples, keys and order as the image shard it was made
-from (`pipeline.data.feature_cache` writes them). Each sample has three members:
+from (`pipeline.prep.feature_cache` writes them). Each sample has three members:
 
     KEY.features.safetensors  one tensor "features", [tokens, width] ([257, 1024] for ViT-L/14 at 224 px), in the
                               cache's dtype (float16 by default; bfloat16; float32 for tests). A standard
@@ -25,12 +25,13 @@ import tarfile
 
 import torch
 
+from pipeline.common.dtypes import TORCH_DTYPES
 from pipeline.data.captions import CaptionSampleDecoder
-from pipeline.data.stream import SkipSample, describe_error
+from pipeline.data.skips import SkipSample, describe_error
 
 FEATURES_MEMBER = "features.safetensors"
 FEATURES_TENSOR = "features"
-STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STORAGE_DTYPES = TORCH_DTYPES
 _SAFETENSORS_CODES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 _DTYPES_BY_CODE = {code: dtype for dtype, code in _SAFETENSORS_CODES.items()}
 _TAR_BLOCK = tarfile.BLOCKSIZE

@@ -22,22 +22,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.common.files import write_text_atomic
 from pipeline.evaluation.caption_metrics import CAPTION_METRICS, caption_scores
-from pipeline.evaluation.runner import GenerateFn, GenerationItem, generate_all, write_text_atomic
+from pipeline.evaluation.runner import GenerateFn, GenerationItem, generate_all
 from pipeline.evaluation.vqa_metric import vqa_scores
+from pipeline.inference.answering import PROMPT_TEMPLATES
 
-# Prompt templates, filled with the question where there is one. These are LLaVA-1.5's evaluation prompts, which
-# instruction-tuned models of this family are trained to follow. Stage-1 models see no text before the caption
-# (runner.Stage1Captioner), so they caption from the image alone and their prompt is recorded as "".
-PROMPT_TEMPLATES = {
-    "caption": "Provide a one-sentence caption for the provided image.",
-    # Short answers: VQA accuracy compares whole answers, so "yes" scores and "Yes, it is." does not.
-    "vqa": "{question}\nAnswer the question using a single word or phrase.",
-    "textvqa": "{question}\nAnswer the question using a single word or phrase.",
-    # A third of VizWiz questions cannot be answered from the photo; the humans then answered "unanswerable".
-    "vizwiz": "{question}\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
-    "Answer the question using a single word or phrase.",
-}
 DEFAULT_VQA_IMAGE_PATTERN = "COCO_{data_subtype}_{image_id:012d}.jpg"
 
 
@@ -286,35 +276,3 @@ def _require_images(paths, option: str) -> None:
             missing.append(path)
     if missing:
         raise FileNotFoundError(f"{len(missing)} images are missing, first {missing[0]}; check {option}")
-
-
-# The toy world's captions use a closed vocabulary; METEOR (whose JVM takes ~10 s to load its paraphrase table)
-# would add nothing to these.
-TOY_CAPTION_METRICS = ("Bleu_4", "ROUGE_L", "CIDEr")
-
-
-def evaluate_toy_captions(
-    model, tokenizer, config, shards: list[str], out_dir: str | Path, *, batch_size: int = 64, max_new_tokens: int = 16
-) -> dict:
-    """Exact-match and per-attribute accuracy (`toy_captions`) plus CIDEr and friends of held-out toy captions."""
-    from pipeline.evaluation.toy_captions import score_toy_captions
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples_path = out_dir / "toy_captions.jsonl"
-    scores = score_toy_captions(
-        model,
-        tokenizer,
-        shards,
-        config,
-        batch_size=batch_size,
-        samples_path=samples_path,
-        max_new_tokens=max_new_tokens,
-    )
-    samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
-    captions = {sample["key"]: first_line(sample["generated"]) for sample in samples}
-    references = {sample["key"]: [sample["reference"]] for sample in samples}
-    result = {"task": "toy_caption", **scores, **caption_scores(references, captions, TOY_CAPTION_METRICS)}
-    write_json(out_dir / "predictions.json", [{"image_id": key, "caption": text} for key, text in captions.items()])
-    write_json(out_dir / "metrics.json", result)
-    return result

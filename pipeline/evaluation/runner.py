@@ -8,7 +8,8 @@ what the parts were generated from (items, prompts and the caller's model and se
 different stops with an error instead of mixing outputs of two evaluations.
 
 The model is behind one callable, `generate(images, prompts) -> texts`: stage-1 runs caption through
-`Stage1Captioner`, and an instruction-tuned model plugs in with the same signature.
+`pipeline.inference.answering.Stage1Captioner`, and an instruction-tuned model plugs in with the same signature
+(`InstructAnswerer`).
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from PIL import Image
+
+from pipeline.common.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -144,19 +144,6 @@ def _read_part(path: Path) -> dict:
         return {key: text for key, text in map(json.loads, lines)}
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same directory and rename it, so readers never see a partial file."""
-    # A unique name: ranks on different nodes of a shared file system may have the same process id.
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _check_manifest(parts_dir: Path, items: Sequence[GenerationItem], part_size: int, fingerprint: dict) -> None:
     digest = hashlib.sha256()
     for item in items:
@@ -191,57 +178,3 @@ def _gather_to_rank0(value, rank: int, world_size: int) -> list | None:
     gathered = [None] * world_size if rank == 0 else None
     dist.gather_object(value, gathered, dst=0)
     return gathered
-
-
-class Stage1Captioner:
-    """`generate` for a stage-1 model: greedy captions from BOS and the image prefix alone.
-
-    Stage 1 trains on captions with no text before them, so prompts are ignored; use it for captioning only.
-    """
-
-    uses_prompts = False  # benchmarks then record an empty prompt, and VQA refuses this generator
-
-    def __init__(self, model, tokenizer, image_processor, max_new_tokens: int = 32):
-        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
-        self.max_new_tokens = max_new_tokens
-
-    @torch.no_grad()
-    def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
-        device = next(self.model.resampler.parameters()).device
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-        token_ids = self.model.generate_captions({"pixel_values": pixel_values}, self.max_new_tokens)
-        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
-
-
-class InstructAnswerer:
-    """`generate` for an instruction-tuned (stage 2) model: each prompt is a user turn about its image.
-
-    Answers are greedy and end at any of the model's terminators (`AnyMAL.stop_ids`: EOS, <|eot_id|> and the
-    generation config's), from exactly the training format (`pipeline.data.conversations`):
-    the chat template, the optional system prompt, the image where `<image>` stands or at the start of the turn.
-    `answer` takes whole conversations (LLaVA turns, the last one a human turn) for multi-turn use.
-    """
-
-    uses_prompts = True
-
-    def __init__(self, model, tokenizer, image_processor, max_new_tokens: int = 32, system_prompt: str = ""):
-        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
-        self.max_new_tokens, self.system_prompt = max_new_tokens, system_prompt
-
-    def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
-        return self.answer(images, [[{"from": "human", "value": prompt}] for prompt in prompts])
-
-    @torch.no_grad()
-    def answer(self, images: list[Image.Image], conversations: list[list[dict]], streamer=None) -> list[str]:
-        from pipeline.data.conversations import chat_messages, encode_prompt
-
-        device = next(self.model.resampler.parameters()).device
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-        prompts, offsets = zip(
-            *(encode_prompt(self.tokenizer, chat_messages(turns, self.system_prompt)) for turns in conversations),
-            strict=True,
-        )
-        token_ids = self.model.generate(
-            {"pixel_values": pixel_values}, list(prompts), list(offsets), self.max_new_tokens, streamer=streamer
-        )
-        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]

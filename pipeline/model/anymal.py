@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +18,13 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.model.attention import VARLEN, varlen_kwargs
-from pipeline.model.llama_layers import FUSED_QKV, fuse_qkv, last_layer_at_rows, packed_layer, supports_packed_layers
+from pipeline.model.layout import TokenLayout, caption_text, pack_samples, pad_samples
 from pipeline.model.llm import load_llm
 from pipeline.model.resampler import PerceiverResampler
 from pipeline.model.vision import VisionTower, load_vision_tower
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # The batch fields that go to the model's device. Token ids, labels, lengths and offsets stay on the host, where the
 # token layout is built (`TokenLayout`): there every size is known without waiting for the GPU.
 IMAGE_INPUTS = ("pixel_values", "image_features")
@@ -35,202 +33,15 @@ IMAGE_INPUTS = ("pixel_values", "image_features")
 LOGIT_CHUNK_TOKENS = 4096
 
 
-@dataclass
-class LastLayerRows:
-    """Where the LLM's last decoder layer must compute outputs in a packed row, and what it must attend to.
-
-    Only the hidden states that predict a supervised token reach the loss, so the last layer computes queries,
-    attention output and MLP only from each sample's first such position to its last (`query_positions`), attending
-    to its keys and values from the sample's start up to that last position (`key_positions`). Each sample's query
-    span ends where its key span ends, which is the bottom-right causal alignment of flash attention's varlen
-    kernels. In stage 1 that skips the BOS and image positions: ~78% of the last layer's rows.
-    """
-
-    query_positions: torch.Tensor  # [Q] columns of the packed row, sample-major
-    key_positions: torch.Tensor  # [K]
-    cu_query: torch.Tensor  # int32 [B + 1] sample boundaries within query_positions
-    cu_key: torch.Tensor  # int32 [B + 1]
-    loss_rows: torch.Tensor  # [S] row of each supervised position within query_positions
+# The children of a decoder layer whose forward is x + attention(norm(x)), then h + mlp(norm(h)): LLaMA's, and the
+# Mistral and Qwen2/Qwen3 layers built like it. Only for these can the MLP half run on some rows alone.
+_PRE_NORM_LAYER_CHILDREN = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
 
 
-@dataclass
-class TokenLayout:
-    """LLM input rows holding several samples' tokens, each with the resampler's embeddings at its image offset.
-
-    Packed (`pack_samples`): one row, `position_ids` restarting at 0 for every sample and no attention mask, so the
-    LLM's attention (SDPA, flex or flash varlen in transformers) is block-diagonal causal and no token attends across
-    samples. Padded (`pad_samples`): one row per sample with an `attention_mask`. Both give the same summed loss.
-
-    Layouts are built where the texts are: in training on the host, where every size is known, so that moving the
-    layout to the GPU (`to`) and indexing with it never waits for the device.
-    """
-
-    input_ids: torch.Tensor  # [rows, T]; image slots hold a filler id, replaced by embeddings
-    labels: torch.Tensor  # [rows, T]; IGNORE_INDEX except at supervised tokens
-    prefix_rows: torch.Tensor  # [B * prefix_length] row of each image slot, sample-major
-    prefix_positions: torch.Tensor  # [B * prefix_length] column of each image slot, sample-major
-    loss_positions: torch.Tensor  # [S] flat index (row * T + column) of each position whose next token is supervised
-    targets: torch.Tensor  # [S] the supervised token each of those positions predicts
-    position_ids: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
-    cu_seq_lens: torch.Tensor | None = None  # packed: int32 [B + 1] sample boundaries in the row
-    last_layer: LastLayerRows | None = None
-
-    def to(self, device: torch.device) -> TokenLayout:
-        """The layout on `device`: its tensors travel as one buffer in one asynchronous copy. The buffer (~0.5 MB)
-        stays pageable: CUDA stages it at once without waiting for the device, where a page-locked buffer per step
-        would wait for an allocation whenever the last one is still in flight."""
-        fields = {name: value for name, value in vars(self).items() if value is not None}
-        rows = fields.pop("last_layer", None)
-        if rows is not None:
-            fields.update({f"last_layer.{name}": value for name, value in vars(rows).items()})
-        flat = torch.cat([value.reshape(-1).long() for value in fields.values()])
-        pieces = flat.to(device, non_blocking=True).split([value.numel() for value in fields.values()])
-        fields = {
-            name: piece.view(value.shape).to(value.dtype)
-            for (name, value), piece in zip(fields.items(), pieces, strict=True)
-        }
-        rows = {name.partition(".")[2]: fields.pop(name) for name in list(fields) if name.startswith("last_layer.")}
-        return TokenLayout(**fields, last_layer=LastLayerRows(**rows) if rows else None)
-
-
-def _slots(offset: torch.Tensor, image_start: torch.Tensor, prefix_length: int) -> torch.Tensor:
-    return (offset >= image_start) & (offset < image_start + prefix_length)
-
-
-def _loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat positions whose next token is supervised, and those tokens (the shifted next-token targets)."""
-    following = labels[:, 1:]
-    rows, columns = torch.nonzero(following != IGNORE_INDEX, as_tuple=True)
-    return rows * labels.shape[1] + columns, following[rows, columns]
-
-
-def _spans(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The concatenated ranges [starts[i], starts[i] + lengths[i])."""
-    total = int(lengths.sum())
-    begin = torch.cumsum(lengths, 0) - lengths
-    return torch.arange(total, device=lengths.device) + torch.repeat_interleave(
-        starts - begin, lengths, output_size=total
-    )
-
-
-def _boundaries(lengths: torch.Tensor) -> torch.Tensor:
-    return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-
-
-def last_layer_rows(loss_positions: torch.Tensor, starts: torch.Tensor) -> LastLayerRows:
-    """`LastLayerRows` of a packed row whose samples begin at `starts`, from its (ascending) loss positions."""
-    count = starts.shape[0]
-    sample = torch.bucketize(loss_positions, starts, right=True) - 1
-    first = torch.full((count,), torch.iinfo(torch.long).max, dtype=torch.long, device=starts.device)
-    first = first.scatter_reduce(0, sample, loss_positions, "amin")
-    last = torch.full((count,), -1, dtype=torch.long, device=starts.device)
-    last = last.scatter_reduce(0, sample, loss_positions, "amax")
-    supervised = last >= 0  # a sample with nothing to predict gets empty spans
-    first = torch.where(supervised, first, starts)
-    query_lengths = torch.where(supervised, last - first + 1, 0)
-    key_lengths = torch.where(supervised, last - starts + 1, 0)
-    cu_query = _boundaries(query_lengths)
-    return LastLayerRows(
-        query_positions=_spans(first, query_lengths),
-        key_positions=_spans(starts, key_lengths),
-        cu_query=cu_query,
-        cu_key=_boundaries(key_lengths),
-        loss_rows=cu_query.long()[sample] + loss_positions - first[sample],
-    )
-
-
-def pack_samples(
-    text_ids: torch.Tensor,
-    text_labels: torch.Tensor,
-    text_lengths: torch.Tensor,
-    image_offsets: torch.Tensor,
-    prefix_length: int,
-    filler_id: int,
-) -> TokenLayout:
-    """Pack samples into one row. Sample i is text i with `prefix_length` image slots before its token
-    `image_offsets[i]`; `text_ids` and `text_labels` are the samples' texts concatenated."""
-    device = text_ids.device
-    lengths, image_offsets = text_lengths.to(device), image_offsets.to(device)
-    sample_lengths = lengths + prefix_length
-    starts = torch.cumsum(sample_lengths, 0) - sample_lengths
-    total = int(sample_lengths.sum())
-    sample_of = torch.repeat_interleave(
-        torch.arange(lengths.shape[0], device=device), sample_lengths, output_size=total
-    )
-    offset = torch.arange(total, device=device) - starts[sample_of]
-    image_slot = _slots(offset, image_offsets[sample_of], prefix_length)
-    input_ids = torch.full(offset.shape, filler_id, dtype=torch.long, device=device)
-    input_ids[~image_slot] = text_ids
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[~image_slot] = text_labels
-    prefix_positions = _spans(starts + image_offsets, torch.full_like(starts, prefix_length))
-    return TokenLayout(
-        input_ids[None],
-        labels[None],
-        torch.zeros_like(prefix_positions),
-        prefix_positions,
-        *_loss_positions(labels[None]),
-        position_ids=offset[None],
-        cu_seq_lens=_boundaries(sample_lengths),
-    )
-
-
-def pad_samples(
-    text_ids: torch.Tensor,
-    text_labels: torch.Tensor,
-    text_lengths: torch.Tensor,
-    image_offsets: torch.Tensor,
-    prefix_length: int,
-    pad_id: int,
-    left: bool = False,
-) -> TokenLayout:
-    """One row per sample, padded to the longest: on the right for training, on the left for generation."""
-    device = text_ids.device
-    lengths, image_offsets = text_lengths.to(device), image_offsets.to(device)
-    sample_lengths = lengths + prefix_length
-    width = int(sample_lengths.max())
-    columns = torch.arange(width, device=device)[None]
-    shift = (width - sample_lengths)[:, None] if left else torch.zeros_like(sample_lengths)[:, None]
-    offset = columns - shift  # position within the sample; negative or past its end on padding
-    present = (offset >= 0) & (offset < sample_lengths[:, None])
-    image_slot = present & _slots(offset, image_offsets[:, None], prefix_length)
-    text_slot = present & ~image_slot  # row-major order is the order of the concatenated texts
-    input_ids = torch.full((lengths.shape[0], width), pad_id, dtype=torch.long, device=device)
-    input_ids[text_slot] = text_ids
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[text_slot] = text_labels
-    rows, positions = torch.nonzero(image_slot, as_tuple=True)
-    return TokenLayout(input_ids, labels, rows, positions, *_loss_positions(labels), attention_mask=present.long())
-
-
-def caption_text(caption_ids: torch.Tensor, caption_lengths: torch.Tensor, bos_id: int):
-    """Stage 1's texts: BOS then the caption (its tokens and EOS supervised), the image right after BOS.
-
-    Returns (text_ids, text_labels, text_lengths, image_offsets) as `pack_samples` and `pad_samples` take them.
-    """
-    lengths = caption_lengths.to(caption_ids.device) + 1
-    starts = torch.cumsum(lengths, 0) - lengths
-    text_ids = torch.full((int(lengths.sum()),), bos_id, dtype=torch.long, device=caption_ids.device)
-    caption_slot = torch.ones_like(text_ids, dtype=torch.bool)
-    caption_slot[starts] = False
-    text_ids[caption_slot] = caption_ids
-    text_labels = text_ids.masked_fill(~caption_slot, IGNORE_INDEX)
-    return text_ids, text_labels, lengths, torch.ones_like(lengths)
-
-
-def caption_sequence(
-    caption_ids: torch.Tensor, caption_lengths: torch.Tensor, prefix_length: int, bos_id: int, pad_id: int
-) -> TokenLayout:
-    """Concatenated captions (each ending in EOS) as right-padded rows of BOS, image prefix, caption."""
-    return pad_samples(*caption_text(caption_ids, caption_lengths, bos_id), prefix_length, pad_id)
-
-
-def packed_caption_sequence(
-    caption_ids: torch.Tensor, caption_lengths: torch.Tensor, prefix_length: int, bos_id: int
-) -> TokenLayout:
-    """A micro batch's captions packed into one row of [BOS, prefix, caption] per sample (prefix slots hold BOS)."""
-    return pack_samples(*caption_text(caption_ids, caption_lengths, bos_id), prefix_length, bos_id)
+def mlp_at_rows(layer) -> bool:
+    """Whether `layer` is a pre-norm attention + MLP block (see `_PRE_NORM_LAYER_CHILDREN`) whose MLP half can run
+    on a subset of rows; layers with other parts (extra norms, dropout, parallel blocks) run whole."""
+    return {name for name, _ in layer.named_children()} == _PRE_NORM_LAYER_CHILDREN
 
 
 class AnyMAL(nn.Module):
@@ -257,12 +68,6 @@ class AnyMAL(nn.Module):
         # Every token that ends a generation (`terminator_ids`); build_anymal passes the model's full set.
         self.stop_ids = sorted(set(stop_ids or ()) | {eos_id})
         self.packing = packing
-        # Packed varlen rows run a frozen LLaMA's layers spelled out (`pipeline.model.llama_layers`), q/k/v as one
-        # GEMM; the last layer computes only the rows the loss reads. False runs HF's layers (benchmarks compare).
-        self.packed_layers = True
-        self.fuse_qkv = True
-        self.prune_last_layer = True
-        self._layer_fns = None
         # Bounds on a sample's length (the data pipeline truncates to them); varlen attention is sized by them.
         self.max_caption_tokens, self.max_sequence_tokens = max_caption_tokens, max_sequence_tokens
 
@@ -314,9 +119,9 @@ class AnyMAL(nn.Module):
             for module, training in modes:
                 module.training = training
 
-    def image_prefix(self, batch: dict, resampler=None) -> torch.Tensor:
+    def image_prefix(self, batch: dict) -> torch.Tensor:
         """Resampler tokens for a batch holding `pixel_values` (through the frozen tower) or `image_features`."""
-        resampler = resampler or self.resampler
+        resampler = self.resampler
         if "image_features" in batch:
             features = batch["image_features"]
         else:
@@ -333,22 +138,22 @@ class AnyMAL(nn.Module):
             (layout.prefix_rows, layout.prefix_positions), prefix.reshape(-1, prefix.shape[-1]).to(embeddings.dtype)
         )
 
-    def caption_loss(self, batch: dict, resampler=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def caption_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 1: summed token cross-entropy over caption tokens and EOS, and the number of those tokens.
 
         The sum, not the mean, is returned so that the trainer can divide by the supervised-token count of the
         whole global batch: every token then weighs the same whatever the micro-batch split or world size.
         """
-        prefix = self.image_prefix(batch, resampler)
+        prefix = self.image_prefix(batch)
         return self.text_image_loss(
             prefix,
             *caption_text(batch["caption_ids"], batch["caption_lengths"], self.bos_id),
             max_length=1 + prefix.shape[1] + self.max_caption_tokens,
         )
 
-    def conversation_loss(self, batch: dict, resampler=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def conversation_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2: summed cross-entropy over the assistant turns (`text_labels`) and their count."""
-        prefix = self.image_prefix(batch, resampler)
+        prefix = self.image_prefix(batch)
         return self.text_image_loss(
             prefix,
             batch["text_ids"],
@@ -387,12 +192,10 @@ class AnyMAL(nn.Module):
                     f"a packed sample of {longest} tokens is longer than the configured maximum "
                     f"({bound}: 1 + image tokens + model.max_caption_tokens, or max_sequence_tokens)"
                 )
-            if self.prune_last_layer and supports_packed_layers(decoder.layers[-1]):
-                layout.last_layer = last_layer_rows(layout.loss_positions, layout.cu_seq_lens[:-1].long())
         layout = layout.to(prefix.device)
         embeddings = self.embed(layout, prefix)
         if varlen:
-            hidden = self._packed_hidden(decoder, embeddings, layout, bound)
+            states = self._packed_states(decoder, embeddings, layout, bound)
         else:
             hidden = decoder(
                 inputs_embeds=embeddings,
@@ -400,67 +203,39 @@ class AnyMAL(nn.Module):
                 attention_mask=layout.attention_mask,
                 use_cache=False,
             ).last_hidden_state
-        rows = layout.loss_positions if layout.last_layer is None else layout.last_layer.loss_rows
-        return self.supervised_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), layout.targets)
+            states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.loss_positions)
+        return self.supervised_loss(states, layout.targets)
 
-    def _packed_hidden(self, decoder, embeddings: torch.Tensor, layout: TokenLayout, bound: int) -> torch.Tensor:
-        """The decoder over a packed row, each layer's varlen attention bounded by the samples' boundaries. With
-        `layout.last_layer`, the last layer computes only the rows the loss reads: [1, Q, width] comes back."""
-        layers = decoder.layers
-        if not self._spelled_out_layers(layers):
-            return self._hf_packed_hidden(decoder, embeddings, layout, bound)
-        layer_fn, last_layer_fn = self._layer_functions(layers[-1])
-        cos, sin = (table[0] for table in decoder.rotary_emb(embeddings, layout.position_ids))
-        hidden = embeddings[0]
-        pruned = layout.last_layer is not None
-        for layer in layers[:-1] if pruned else layers:
-            hidden = layer_fn(layer, hidden, cos, sin, layout.cu_seq_lens, bound)
-        if pruned:
-            hidden = last_layer_fn(layers[-1], hidden, cos, sin, layout.last_layer, bound)
-        return decoder.norm(hidden)[None]
+    def _packed_states(self, decoder, embeddings: torch.Tensor, layout: TokenLayout, bound: int) -> torch.Tensor:
+        """Hidden states [S, width] at the loss positions of a packed row, through HF's decoder layers, each
+        attending within the samples' boundaries (passed to the attention as kwargs).
 
-    def _spelled_out_layers(self, layers) -> bool:
-        """Whether the packed forward runs `packed_layer`: for LLaMA layers whose q/k/v all fuse (stage 1's frozen
-        LLM). With adapters or 4-bit weights (stage 2) q/k/v stay three projections, and there the spelled-out layer
-        measured no faster than HF's (12,069 vs 12,355 tokens/s on an H200), so HF's runs. `fuse_qkv = False` runs
-        the spelled-out layer unfused (benchmarks compare)."""
-        if not self.packed_layers or not all(supports_packed_layers(layer) for layer in layers):
-            return False
-        if self.fuse_qkv:
-            return all([fuse_qkv(layer.self_attn) for layer in layers])  # a list: every layer is fused or checked
-        for layer in layers:
-            if hasattr(layer.self_attn, FUSED_QKV):
-                delattr(layer.self_attn, FUSED_QKV)  # the weights stay views of its storage, which they keep
-        return True
-
-    def _layer_functions(self, layer):
-        """`packed_layer` and `last_layer_at_rows`, compiled when the LLM's layers are (model.llm.compile_layers):
-        one graph serves every layer, since dynamo treats a layer's weights as inputs."""
-        if self._layer_fns is None:
-            compiled = getattr(layer, "_compiled_call_impl", None) is not None
-            functions = (packed_layer, last_layer_at_rows)
-            self._layer_fns = tuple(torch.compile(fn, dynamic=True) for fn in functions) if compiled else functions
-        return self._layer_fns
-
-    def _hf_packed_hidden(self, decoder, embeddings: torch.Tensor, layout: TokenLayout, bound: int) -> torch.Tensor:
-        """HF's decoder layers over the packed row, the boundaries passed to their varlen attention as kwargs; the
-        last layer at the loss rows if `layout.last_layer` (LLaMA layers only)."""
+        The loss reads only the positions that predict a supervised token (in stage 1 a caption's, not the 65 BOS and
+        image positions before them), so where the last layer's type allows (`mlp_at_rows`) its MLP, the larger part
+        of a layer, computes only those positions."""
         boundaries = varlen_kwargs(layout.cu_seq_lens, bound)
-        if layout.last_layer is None:
-            return decoder(
+        layers = decoder.layers
+        if not mlp_at_rows(layers[-1]):
+            hidden = decoder(
                 inputs_embeds=embeddings, position_ids=layout.position_ids, use_cache=False, **boundaries
             ).last_hidden_state
-        layers = decoder.layers
+            return hidden[0].index_select(0, layout.loss_positions)
         position_embeddings = decoder.rotary_emb(embeddings, layout.position_ids)
         hidden = embeddings
         for layer in layers[:-1]:
             hidden = layer(
                 hidden, position_embeddings=position_embeddings, position_ids=layout.position_ids, **boundaries
             )
-        _, last_layer_fn = self._layer_functions(layers[-1])
-        cos, sin = (table[0] for table in position_embeddings)
-        hidden = last_layer_fn(layers[-1], hidden[0], cos, sin, layout.last_layer, bound)
-        return decoder.norm(hidden)[None]
+        last = layers[-1]
+        attended, _ = last.self_attn(
+            hidden_states=last.input_layernorm(hidden),
+            position_embeddings=position_embeddings,
+            attention_mask=None,
+            position_ids=layout.position_ids,
+            **boundaries,
+        )
+        hidden = (hidden + attended)[0].index_select(0, layout.loss_positions)
+        return decoder.norm(hidden + last.mlp(last.post_attention_layernorm(hidden)))
 
     def supervised_loss(self, states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss of the hidden `states` [S, width] that predict `targets` [S], chunked through the

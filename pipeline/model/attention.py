@@ -9,9 +9,7 @@ The trainer's packed forward passes the boundaries as keyword arguments (`varlen
 to the attention function of every layer. The maximum sample length passed is the configured bound, not the
 batch's own maximum, so it is a constant and compiled layers are not re-specialised for every batch.
 
-`attend_spans` is the one entry to the kernel: the layers' attention passes equal query and key spans per sample;
-the pruned last layer (`last_layer_at_rows` in `pipeline.model.llama_layers`) passes query spans shorter than, and
-aligned with the end of, their key spans, which is flash attention's bottom-right causal alignment.
+`attend_within_samples` is the one entry to the kernel: causal attention inside each sample of the row.
 
 Everything else falls back to SDPA: padded rows and generation (with their masks), and the CPU, where the packed
 case runs SDPA under the equivalent mask (`_span_mask`) so that the tests check the same boundaries.
@@ -73,39 +71,33 @@ def varlen_kwargs(cu_seq_lens: torch.Tensor, max_length: int) -> dict:
     }
 
 
-def _span_mask(cu_query: torch.Tensor, cu_key: torch.Tensor) -> torch.Tensor:
-    """[Q, K] boolean mask: query i of sample s sees the keys of sample s up to its own position, the two spans
-    aligned at their ends (flash attention's bottom-right causal alignment); with equal spans, causal
-    within each sample and nothing across samples."""
-    cu_query, cu_key = cu_query.long(), cu_key.long()
-    query_sample = torch.bucketize(torch.arange(int(cu_query[-1]), device=cu_query.device), cu_query[1:], right=True)
-    key_sample = torch.bucketize(torch.arange(int(cu_key[-1]), device=cu_key.device), cu_key[1:], right=True)
-    # Distance of each query and key from the end of its sample's span.
-    query_from_end = cu_query[1:][query_sample] - torch.arange(query_sample.shape[0], device=cu_query.device)
-    key_from_end = cu_key[1:][key_sample] - torch.arange(key_sample.shape[0], device=cu_key.device)
-    return (query_sample[:, None] == key_sample[None, :]) & (key_from_end[None, :] >= query_from_end[:, None])
+def _sample_mask(cu_seq_lens: torch.Tensor) -> torch.Tensor:
+    """[T, T] boolean mask of a packed row: causal within each sample, nothing across samples."""
+    cu_seq_lens = cu_seq_lens.long()
+    positions = torch.arange(int(cu_seq_lens[-1]), device=cu_seq_lens.device)
+    sample = torch.bucketize(positions, cu_seq_lens[1:], right=True)
+    return (sample[:, None] == sample[None, :]) & (positions[None, :] <= positions[:, None])
 
 
-def attend_spans(
+def attend_within_samples(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_query: torch.Tensor,
-    cu_key: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
     max_length: int,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention of each sample's query span to its key span (aligned at their ends), never across samples.
+    """Causal attention within each sample of a packed row, never across samples.
 
-    query [Q, H, D], key/value [K, H_kv, D] -> [Q, H, D]. The varlen flash kernel on a GPU; elsewhere SDPA under
+    query [T, H, D], key/value [T, H_kv, D] -> [T, H, D]. The varlen flash kernel on a GPU; elsewhere SDPA under
     the equivalent mask, so that the CPU tests check the same boundaries."""
     if query.is_cuda and _KERNEL is not None:
-        return _KERNEL(query, key, value, cu_query, cu_key, max_length, scale)
+        return _KERNEL(query, key, value, cu_seq_lens, cu_seq_lens, max_length, scale)
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1)[None],
         key.transpose(0, 1)[None],
         value.transpose(0, 1)[None],
-        attn_mask=_span_mask(cu_query, cu_key),
+        attn_mask=_sample_mask(cu_seq_lens),
         scale=scale,
         enable_gqa=key.shape[1] != query.shape[1],
     )
@@ -129,14 +121,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if dropout:
         raise ValueError("varlen attention has no attention dropout; set the LLM's attention_dropout to 0")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = attend_spans(
-        query[0].transpose(0, 1),
-        key[0].transpose(0, 1),
-        value[0].transpose(0, 1),
-        cu_seq_lens,
-        cu_seq_lens,
-        max_length,
-        scale,
+    out = attend_within_samples(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_seq_lens, max_length, scale
     )
     return out[None], None
 

@@ -8,9 +8,9 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from pipeline.common.dtypes import torch_dtype
 from pipeline.config import LLMConfig
 from pipeline.model.attention import VARLEN, register_varlen, varlen_available
-from pipeline.model.vision import torch_dtype
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,12 @@ def add_lora(llm, config: LoRAConfig):
     return get_peft_model(llm, lora)
 
 
+def has_adapters(llm) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(layer, LoraLayer) for layer in llm.modules())
+
+
 def adapter_modules(llm) -> list[nn.Module]:
     """The lora_A and lora_B Linear layers of every adapted projection, in model order."""
     from peft.tuners.lora import LoraLayer

@@ -12,13 +12,10 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel
 
+from pipeline.common.dtypes import torch_dtype
 from pipeline.config import VisionConfig
 
 log = logging.getLogger(__name__)
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 class VisionTower(nn.Module):

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.common.files import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
@@ -74,9 +76,7 @@ class Manifest:
     def record(self, file: Path, **fields) -> None:
         self.entries[self.key(file)] = fields
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(json.dumps(self.entries, indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, self.path)
+        write_json_atomic(self.path, self.entries, sort_keys=True)
 
 
 def fetch(

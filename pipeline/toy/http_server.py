@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import signal
 import threading
 from collections.abc import Callable
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from pipeline.common.files import write_text_atomic
 
 LOOPBACK_HOST = "127.0.0.1"
 
@@ -59,13 +60,6 @@ def serve_directory(root: str | Path, port: int = 0) -> tuple[str, Callable[[], 
     return f"http://{host}:{bound_port}", stop
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    # A shell script polls for this file; renaming makes sure it never reads half a URL.
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve a directory over HTTP on 127.0.0.1 until killed.")
     parser.add_argument("root", type=Path, help="directory to serve")
@@ -83,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
     # The socket is already listening, so a client that reads the URL can connect at once.
-    _write_atomically(args.port_file, f"http://{host}:{bound_port}\n")
+    # A shell script polls for this file; the atomic write makes sure it never reads half a URL.
+    write_text_atomic(args.port_file, f"http://{host}:{bound_port}\n")
     try:
         server.serve_forever()
     finally:

@@ -27,7 +27,7 @@ import json
 import random
 from pathlib import Path
 
-from pipeline.evaluation.benchmarks import PROMPT_TEMPLATES
+from pipeline.inference.answering import PROMPT_TEMPLATES
 from pipeline.toy import world
 
 SHORT_ANSWER = PROMPT_TEMPLATES["vqa"].split("\n", 1)[1]

@@ -58,7 +58,7 @@ QUESTION_WORDS = [
     *["colour", "color", "shape", "shapes", "size", "image", "picture", "object"],
     *["left", "right", "top", "bottom", "centre", "center", "middle"],
     *["zero", "one", "two", "three", "four", "five", "yes", "no", "?", ".", ","],
-    # The short-answer instruction of the VQA prompt (pipeline.evaluation.benchmarks.PROMPT_TEMPLATES).
+    # The short-answer instruction of the VQA prompt (pipeline.inference.answering.PROMPT_TEMPLATES).
     *["Answer", "question", "using", "single", "word", "or", "phrase"],
 ]
 

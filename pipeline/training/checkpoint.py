@@ -14,8 +14,8 @@ again would otherwise keep one on disk forever.
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import random
 import re
 import shutil
@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from pipeline.common.files import write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +94,13 @@ def save_checkpoint(
     path = checkpoint_dir / tag
     # DeepSpeed writes its own `latest` file only when asked; ours is written after COMPLETE instead.
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=trainer_state, save_latest=False)
-    rank_file = path / f"rank_{rank:05d}.pt"
-    tmp = rank_file.with_suffix(".pt.tmp")
-    torch.save({"rank_state": rank_state, "rng": rng_state()}, tmp)
-    os.replace(tmp, rank_file)
+    buffer = io.BytesIO()
+    torch.save({"rank_state": rank_state, "rng": rng_state()}, buffer)
+    write_bytes_atomic(path / f"rank_{rank:05d}.pt", buffer.getvalue())
     dist.barrier()
     if rank == 0:
         (path / COMPLETE_MARKER).write_text(f"{step}\n")
-        latest_tmp = checkpoint_dir / "latest.tmp"
-        latest_tmp.write_text(tag)
-        os.replace(latest_tmp, checkpoint_dir / "latest")
+        write_text_atomic(checkpoint_dir / "latest", tag)
         for _, old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         remove_partial_checkpoints(checkpoint_dir, before_step=step)

@@ -1,41 +1,11 @@
-"""Process-group set-up from whatever launched us: the deepspeed launcher, torchrun, or srun.
-
-The deepspeed launcher and torchrun export RANK / WORLD_SIZE / LOCAL_RANK; srun exports SLURM_PROCID / SLURM_NTASKS /
-SLURM_LOCALID. A bare `python -m pipeline.train` runs as a world of one on loopback.
-"""
+"""Process-group set-up from whatever launched us (the rank layout: `pipeline.common.dist_env`)."""
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def read_dist_env() -> DistEnv:
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
-    return DistEnv(0, 1, 0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from pipeline.common.dist_env import DistEnv, free_port, read_dist_env
 
 
 def init_distributed(backend: str, timeout_s: int = 600) -> DistEnv:

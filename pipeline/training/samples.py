@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.data.captions import CaptionDecoder, collate_captions
 from pipeline.data.shards import expand_shards, iter_shard_records
-from pipeline.data.stream import SkipSample
+from pipeline.data.skips import SkipSample
 
 log = logging.getLogger(__name__)
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
@@ -112,7 +112,7 @@ class SampleLogger:
             return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated_ids]
         from transformers import CLIPImageProcessor
 
-        from pipeline.evaluation.runner import InstructAnswerer
+        from pipeline.inference.answering import InstructAnswerer
 
         answerer = InstructAnswerer(
             self.model,

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from pipeline.common.labels import IGNORE_INDEX
+from pipeline.config import load_config
+from pipeline.model.anymal import build_anymal
+from pipeline.training.distributed import device_for, init_distributed
+from pipeline.training.metrics import MetricsLogger
+from pipeline.training.stages import stage_for
+from pipeline.training.trainer import Trainer
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.model.anymal import IGNORE_INDEX, build_anymal  # noqa: E402
-from pipeline.training.distributed import device_for, init_distributed  # noqa: E402
-from pipeline.training.metrics import MetricsLogger  # noqa: E402
-from pipeline.training.stages import CaptionStage, InstructStage  # noqa: E402
-from pipeline.training.trainer import Trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def global_batches(steps: int, global_size: int, vocab: int, image_size: int, eos: int):
@@ -122,21 +122,20 @@ def main():
     torch.manual_seed(0)
     model = build_anymal(config.model, tokenizer)
     image_size = model.vision.clip.config.image_size
+    stage_parts = stage_for(model, config)
     if stage == 2:
         from pipeline.data.conversations import collate_conversations
-        from pipeline.model.lora import add_lora
 
-        model.llm = add_lora(model.llm, config.model.lora)
         for name, param in model.llm.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.05)
         batches = list(conversation_batches(steps, global_size, len(tokenizer), image_size, tokenizer.bos_token_id))
-        stage_parts, collate = InstructStage(model, config), collate_conversations
+        collate = collate_conversations
     else:
         from pipeline.data.captions import collate_captions
 
         batches = list(global_batches(steps, global_size, len(tokenizer), image_size, tokenizer.eos_token_id))
-        stage_parts, collate = CaptionStage(model, config), collate_captions
+        collate = collate_captions
     trainer = Trainer(
         config,
         stage_parts,

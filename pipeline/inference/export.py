@@ -3,7 +3,6 @@
 Stage 1: `resampler.safetensors` plus `resampler.json` (its shape and the base models).
 Stage 2: the same resampler pair, `adapter/` (the LoRA adapter in peft format) and `manifest.json` naming the base
 models and how to rebuild the prompt (system prompt, image tokens, quantization of the base LLM during training).
-Stage 2 starts from a stage-1 resampler: `load_stage1_resampler` takes its export, its run or one checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.model.resampler import PerceiverResampler
-from pipeline.training.checkpoint import COMPLETE_MARKER, latest_complete
 
 MANIFEST = "manifest.json"
 ADAPTER_DIR = "adapter"
@@ -49,32 +47,6 @@ def load_exported_resampler(
     resampler = PerceiverResampler(shape.pop("vision_width"), shape.pop("output_width"), **shape)
     resampler.load_state_dict(load_file(export_dir / "resampler.safetensors"))
     return resampler.to(dtype), meta
-
-
-def load_stage1_resampler(source: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PerceiverResampler, str]:
-    """A stage-1 resampler from its export directory, its run directory (the export, else the newest complete
-    checkpoint) or one checkpoint directory. Returns it with a description of where it came from."""
-    from pipeline.config import load_config
-    from pipeline.model.anymal import build_resampler
-
-    source = Path(source)
-    for export_dir in (source, source / "export"):
-        if (export_dir / "resampler.json").is_file():
-            resampler, meta = load_exported_resampler(export_dir, dtype)
-            return resampler, f"export {export_dir} (step {meta['step']})"
-    checkpoint = source if (source / COMPLETE_MARKER).is_file() else latest_complete(source / "checkpoints")
-    if checkpoint is None:
-        raise FileNotFoundError(
-            f"model.stage1_resampler '{source}' holds no resampler.json, export/ or complete checkpoint; point at a "
-            "stage-1 run directory, its export/ directory or one of its checkpoints/step_* directories"
-        )
-    config = load_config(checkpoint.parent.parent / "config.yaml")
-    states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    width = states["latents"].shape[1]
-    vision_width = states["project_in.weight"].shape[1] if "project_in.weight" in states else width
-    resampler = build_resampler(config.model, vision_width, states["to_llm.weight"].shape[0])
-    resampler.load_state_dict(states)
-    return resampler.to(dtype), f"checkpoint {checkpoint}"
 
 
 def export_stage2(model, out_dir: Path, run_config: dict, step: int) -> Path:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError, LLMConfig, RunConfig, VisionConfig, load_config
+from pipeline.inference.export import MANIFEST, load_exported_resampler
 from pipeline.model.anymal import AnyMAL, build_anymal
-from pipeline.training.export import MANIFEST, load_exported_resampler
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ def load_instruct(
     """
     from transformers import AutoTokenizer
 
+    from pipeline.common.dtypes import torch_dtype
     from pipeline.config import ModelConfig
     from pipeline.model.lora import load_adapter
-    from pipeline.model.vision import torch_dtype
 
     export_dir, manifest = read_manifest(path)
     merged = manifest["merged"]
