@@ -12,8 +12,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model import anymal
-
 # Kernel-name fragments (lower case) that put a kernel in a category of the profile; the first match wins.
 KERNEL_CATEGORIES = [
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
@@ -44,15 +42,6 @@ def attention_of(variant: str, default: str) -> str:
     if "flex" in variant:
         return "flex_attention"
     return default
-
-
-_MLP_AT_ROWS = anymal.mlp_at_rows
-
-
-def configure_layers(variant: str) -> None:
-    """+full: the packed forward's last layer computes its MLP at every row, not only at the rows the loss reads
-    (what the production model does where the layer allows it, `pipeline.model.anymal.mlp_at_rows`)."""
-    anymal.mlp_at_rows = (lambda layer: False) if "+full" in variant else _MLP_AT_ROWS
 
 
 def deepspeed_config_of(variant: str, path: str) -> str:

@@ -19,8 +19,7 @@ Variants:
                 token-mean normalisation; SDPA over the packed row's mask.
   +flex         flex attention (block-sparse over the packed row) instead of SDPA.
   +varlen       PyTorch's variable-length flash attention over the samples' boundaries (pipeline/model/attention.py),
-                through HF's decoder layers; the last layer's MLP runs only at the rows the loss reads, unless:
-  +full         the last layer computes every row.
+                through HF's decoder layers.
   +overlap      ZeRO-2's overlap_comm on (stage 1's ds_configs/zero2_stage1.json has it off: it synchronizes the
                 device after every micro batch's backward, and the resampler's gradients come last, with nothing
                 left to overlap). Stage 2's zero2.json keeps it on: its adapters' gradients come all through the
@@ -62,7 +61,6 @@ from common import (
     attention_of,
     check_varlen_kernel,
     compile_decoder_layers,
-    configure_layers,
     deepspeed_config_of,
     extra_batches,
     free_memory,
@@ -202,7 +200,6 @@ def pipeline_step(llm, resampler, bos, eos, pad, micro, accumulation: int, varia
     if not dist.is_initialized():
         init_distributed("nccl" if DEVICE.type == "cuda" else "gloo")
     model = AnyMAL(None, resampler, llm, bos, eos, pad, packing=True, max_caption_tokens=64)
-    configure_layers(variant)
     trainer = Trainer(config, stage_for(model, config), lambda state: None, DistEnv(0, 1, 0), DEVICE)
     text_on_device = "+devicelayout" in variant
 

@@ -23,7 +23,6 @@ Each run is VARIANT@MICRO_BATCH. Variants:
                     positions only, global token-mean normalisation; SDPA unless:
   +flex / +varlen   flex attention / PyTorch's variable-length flash attention over the packed row;
   +compile          each decoder layer compiled (dynamic shapes); it stays compiled for later runs of that model.
-  +full             the last layer computes every row (by default its MLP runs only at the rows the loss reads).
   +dstimers         DeepSpeed's throughput timer on, as in stage1_throughput.py (ds_configs/zero2.json, stage 2's, has
                     it off and overlap_comm on); the pipeline runs of one process share one engine, so the first
                     pipeline run's settings hold for all.
@@ -47,7 +46,6 @@ import torch
 from common import (
     attention_of,
     compile_decoder_layers,
-    configure_layers,
     deepspeed_config_of,
     extra_batches,
     free_memory,
@@ -325,7 +323,6 @@ def main():
                 if variant.endswith("baseline"):
                     step = baseline_step(model)
                 else:
-                    configure_layers(variant)
                     trainer_step = trainer_step or pipeline_step(model, micro, variant)
                     step = trainer_step
                 run = measure(

@@ -77,8 +77,8 @@ def conversation_batch(tokenizer, config, pixel_values) -> dict:
 
 @pytest.mark.parametrize("attn", ["sdpa", "varlen"])
 def test_packed_equals_padded_loss_and_gradients(tiny_models, attn):
-    """Packed rows through the adapted layers (under SDPA's mask, or with the varlen boundaries and the last layer's
-    MLP at the loss rows) give the padded rows' loss and the gradients of every trained parameter."""
+    """Packed rows through the adapted layers (under SDPA's mask, or with the varlen boundaries) give the padded rows'
+    loss and the gradients of every trained parameter."""
     config = stage2_config(tiny_models, f"model.llm.attn_implementation={attn}")
     model, tokenizer = stage2_model(config)
     pixels = CLIPImageProcessor.from_pretrained(tiny_models / "clip")(images=images(3), return_tensors="pt")

@@ -33,17 +33,6 @@ IMAGE_INPUTS = ("pixel_values", "image_features")
 LOGIT_CHUNK_TOKENS = 4096
 
 
-# The children of a decoder layer whose forward is x + attention(norm(x)), then h + mlp(norm(h)): LLaMA's, and the
-# Mistral and Qwen2/Qwen3 layers built like it. Only for these can the MLP half run on some rows alone.
-_PRE_NORM_LAYER_CHILDREN = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
-
-
-def mlp_at_rows(layer) -> bool:
-    """Whether `layer` is a pre-norm attention + MLP block (see `_PRE_NORM_LAYER_CHILDREN`) whose MLP half can run
-    on a subset of rows; layers with other parts (extra norms, dropout, parallel blocks) run whole."""
-    return {name for name, _ in layer.named_children()} == _PRE_NORM_LAYER_CHILDREN
-
-
 class AnyMAL(nn.Module):
     """The composed model. `vision` is None when training reads cached features instead of images."""
 
@@ -207,35 +196,15 @@ class AnyMAL(nn.Module):
         return self.supervised_loss(states, layout.targets)
 
     def _packed_states(self, decoder, embeddings: torch.Tensor, layout: TokenLayout, bound: int) -> torch.Tensor:
-        """Hidden states [S, width] at the loss positions of a packed row, through HF's decoder layers, each
-        attending within the samples' boundaries (passed to the attention as kwargs).
-
-        The loss reads only the positions that predict a supervised token (in stage 1 a caption's, not the 65 BOS and
-        image positions before them), so where the last layer's type allows (`mlp_at_rows`) its MLP, the larger part
-        of a layer, computes only those positions."""
-        boundaries = varlen_kwargs(layout.cu_seq_lens, bound)
-        layers = decoder.layers
-        if not mlp_at_rows(layers[-1]):
-            hidden = decoder(
-                inputs_embeds=embeddings, position_ids=layout.position_ids, use_cache=False, **boundaries
-            ).last_hidden_state
-            return hidden[0].index_select(0, layout.loss_positions)
-        position_embeddings = decoder.rotary_emb(embeddings, layout.position_ids)
-        hidden = embeddings
-        for layer in layers[:-1]:
-            hidden = layer(
-                hidden, position_embeddings=position_embeddings, position_ids=layout.position_ids, **boundaries
-            )
-        last = layers[-1]
-        attended, _ = last.self_attn(
-            hidden_states=last.input_layernorm(hidden),
-            position_embeddings=position_embeddings,
-            attention_mask=None,
+        """Hidden states [S, width] at the loss positions of a packed row, through HF's decoder layers, each attending
+        within the samples' boundaries (passed to the attention as kwargs, `varlen_kwargs`)."""
+        hidden = decoder(
+            inputs_embeds=embeddings,
             position_ids=layout.position_ids,
-            **boundaries,
-        )
-        hidden = (hidden + attended)[0].index_select(0, layout.loss_positions)
-        return decoder.norm(hidden + last.mlp(last.post_attention_layernorm(hidden)))
+            use_cache=False,
+            **varlen_kwargs(layout.cu_seq_lens, bound),
+        ).last_hidden_state
+        return hidden[0].index_select(0, layout.loss_positions)
 
     def supervised_loss(self, states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss of the hidden `states` [S, width] that predict `targets` [S], chunked through the
