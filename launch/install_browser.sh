@@ -16,21 +16,9 @@ if installed; then
     echo "install_browser.sh: chromium and chromedriver already installed ($(version))"
     exit 0
 fi
-if ! command -v apt-get > /dev/null; then
-    echo "install_browser.sh: cannot install the browser: no apt-get on this machine; install chromium and" \
-        "chromedriver (same version) by hand" >&2
-    exit 1
-fi
-sudo=()
-if [[ $(id -u) -ne 0 ]]; then
-    if command -v sudo > /dev/null && sudo -n true 2> /dev/null; then
-        sudo=(sudo -n)
-    else
-        echo "install_browser.sh: cannot install the browser: not root and no password-less sudo; run" \
-            "'sudo apt-get install chromium chromium-driver' once" >&2
-        exit 1
-    fi
-fi
+# shellcheck source=launch/apt_runner.sh
+source "$(dirname "$0")/apt_runner.sh"
+apt_runner install_browser.sh "the browser" "chromium chromium-driver"
 
 apt_log=$(mktemp)
 trap 'rm -f "$apt_log"' EXIT

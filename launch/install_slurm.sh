@@ -21,21 +21,9 @@ if ! missing; then
     echo "install_slurm.sh: slurm already installed ($(PATH="$PATH:/usr/sbin" slurmctld -V 2>/dev/null || echo '?'))"
     exit 0
 fi
-if ! command -v apt-get > /dev/null; then
-    echo "install_slurm.sh: cannot install Slurm: no apt-get on this machine; install slurmctld, slurmd and" \
-        "slurm-client (Slurm 22.05 or newer with the auth/none plugin) by hand" >&2
-    exit 1
-fi
-sudo=()
-if [[ $(id -u) -ne 0 ]]; then
-    if command -v sudo > /dev/null && sudo -n true 2> /dev/null; then
-        sudo=(sudo -n)
-    else
-        echo "install_slurm.sh: cannot install Slurm: not root and no password-less sudo; run" \
-            "'sudo apt-get install slurmctld slurmd slurm-client' once" >&2
-        exit 1
-    fi
-fi
+# shellcheck source=launch/apt_runner.sh
+source "$(dirname "$0")/apt_runner.sh"
+apt_runner install_slurm.sh Slurm "slurmctld slurmd slurm-client (Slurm 22.05 or newer, with auth/none)"
 
 # The packages' maintainer scripts would start the system services; in a container or CI runner without an init
 # system invoke-rc.d only warns, and on a machine with systemd the services stay disabled (policy-rc.d exit 101 is

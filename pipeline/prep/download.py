@@ -148,42 +148,14 @@ def fetch(
 
 def _transfer(remote: RemoteFile, part: Path, timeout_s: float, hint: str) -> None:
     """One attempt: continue `part` from its current length (or start it) until the server's body ends."""
-    offset = part.stat().st_size if part.exists() else 0
     sidecar = _sidecar(part)
     state = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    if offset and state.get("url") != remote.url:
-        # Bytes from another URL (a changed base URL or mirror) must not be continued.
-        _discard(part)
-        offset = 0
-    if remote.size is not None and offset >= remote.size:
-        if offset == remote.size:
-            return  # complete; verification decides whether it is right
-        _discard(part)
-        offset = 0
-
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-        if state.get("validator"):
-            # The server sends the whole file instead of a range if it changed since the part was started.
-            headers["If-Range"] = state["validator"]
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(remote.url, headers=headers), timeout=timeout_s)
-    except urllib.error.HTTPError as err:
-        err.close()
-        if err.code == 416 and offset:
-            if _content_range(err.headers.get("Content-Range"))[1] == offset:
-                return  # the part already holds the whole file
-            _discard(part)
-            raise _TransientError(f"server refused to resume at byte {offset}") from None
-        if err.code in RETRYABLE_STATUS:
-            raise _TransientError(f"HTTP {err.code} {err.reason}") from None
-        raise DownloadError(
-            f"cannot download {remote.url}: HTTP {err.code} {err.reason}; {_advice(err.code, hint)}"
-        ) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-        raise _TransientError(_reason(err)) from None
-
+    offset = _resumable_offset(remote, part, state)
+    if offset is None:
+        return  # complete; verification decides whether it is right
+    response = _open(remote, part, offset, state, timeout_s, hint)
+    if response is None:
+        return  # the part already holds the whole file
     with response:
         if response.status == 206:
             start, total = _content_range(response.headers.get("Content-Range"))
@@ -207,28 +179,75 @@ def _transfer(remote: RemoteFile, part: Path, timeout_s: float, hint: str) -> No
             raise DownloadError(
                 f"cannot download {remote.url}: the server reports {total} bytes but {remote.size} are expected; {hint}"
             )
-        received = offset
-        with (
-            part.open(mode) as out,
-            tqdm(
-                total=total,
-                initial=offset,
-                desc=part.name[: -len(".part")],
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                mininterval=1.0,
-            ) as bar,
-        ):
-            try:
-                while chunk := response.read(CHUNK_BYTES):
-                    out.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as err:
-                raise _TransientError(f"connection lost after {received} bytes ({_reason(err)})") from None
+        received = _receive(response, part, mode, offset, total)
     if total is not None and received < total:
         raise _TransientError(f"connection closed after {received} of {total} bytes")
+
+
+def _resumable_offset(remote: RemoteFile, part: Path, state: dict) -> int | None:
+    """Where to continue `part`: its length, 0 when its bytes cannot be continued, None when it is complete."""
+    offset = part.stat().st_size if part.exists() else 0
+    if offset and state.get("url") != remote.url:
+        # Bytes from another URL (a changed base URL or mirror) must not be continued.
+        _discard(part)
+        offset = 0
+    if remote.size is not None and offset >= remote.size:
+        if offset == remote.size:
+            return None
+        _discard(part)
+        offset = 0
+    return offset
+
+
+def _open(remote: RemoteFile, part: Path, offset: int, state: dict, timeout_s: float, hint: str):
+    """The server's response from byte `offset`, or None when it says the part is already whole."""
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if state.get("validator"):
+            # The server sends the whole file instead of a range if it changed since the part was started.
+            headers["If-Range"] = state["validator"]
+    try:
+        return urllib.request.urlopen(urllib.request.Request(remote.url, headers=headers), timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        err.close()
+        if err.code == 416 and offset:
+            if _content_range(err.headers.get("Content-Range"))[1] == offset:
+                return None
+            _discard(part)
+            raise _TransientError(f"server refused to resume at byte {offset}") from None
+        if err.code in RETRYABLE_STATUS:
+            raise _TransientError(f"HTTP {err.code} {err.reason}") from None
+        raise DownloadError(
+            f"cannot download {remote.url}: HTTP {err.code} {err.reason}; {_advice(err.code, hint)}"
+        ) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        raise _TransientError(_reason(err)) from None
+
+
+def _receive(response, part: Path, mode: str, offset: int, total: int | None) -> int:
+    """Append (or write) the response body to `part`; returns the bytes the part holds then."""
+    received = offset
+    with (
+        part.open(mode) as out,
+        tqdm(
+            total=total,
+            initial=offset,
+            desc=part.name[: -len(".part")],
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            mininterval=1.0,
+        ) as bar,
+    ):
+        try:
+            while chunk := response.read(CHUNK_BYTES):
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as err:
+            raise _TransientError(f"connection lost after {received} bytes ({_reason(err)})") from None
+    return received
 
 
 def _verify(

@@ -3,9 +3,8 @@
 Each 64x64 RGB JPEG shows one shape (circle, square, triangle, star or cross) in a named colour, small or
 large, on a background of a different named colour; its caption reads "a small red circle on a blue
 background". Shapes sit exactly at the centre of the image: a randomly initialised CLIP tower with 8 px patches
-loses the shape of off-centre objects (shared/notes/toy-world-findings.md). Even small offsets cost: a linear
-probe on the tiny tower's features classified held-out shapes at 0.91 when centred, 0.87 with up to 1 px of
-random offset and 0.79 with 2 px. Images with equal attributes still differ, in the shades of their colours.
+loses the shape of off-centre objects, and even offsets of a pixel or two cost accuracy (the measurements:
+docs/performance.md, "Toy world design"). Images with equal attributes still differ, in the shades of their colours.
 
 `write_toy_world` writes the images and one JSONL index per split; `write_url_parquet` turns a split into a
 LAION-style parquet of URLs (served by `pipeline.toy.http_server`) that img2dataset downloads like LAION.

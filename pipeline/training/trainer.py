@@ -1,4 +1,4 @@
-"""The training loop of both stages: the one place that knows DeepSpeed.
+"""The training loop of both stages, and with `pipeline.training.checkpoint` all the DeepSpeed it calls.
 
 It owns engine initialisation, the optimizer step with token-normalised loss, checkpoints and exact resume,
 validation, preemption signals, logging and the final export. Model and data code know nothing of the engine; a
@@ -6,7 +6,7 @@ stage (`pipeline.training.stages`) says what the engine wraps, which parameter g
 micro batch's loss and token counts are computed, and how the result is exported.
 
 Loss normalisation: the loss of a step is the mean over every supervised token of the global batch, whatever the
-micro-batch split and world size (the mistake discussed in transformers issue #35203 is averaging per micro batch).
+micro-batch split and world size (averaging per micro batch is the mistake reported in huggingface/transformers#35203).
 Before the first micro batch of a step, the supervised-token count of all the step's micro batches on all ranks is
 all-reduced; each micro batch then back-propagates sum_loss * world_size / global_tokens. DeepSpeed averages
 gradients over ranks, so the update is exactly that of sum-over-global-batch / global_tokens.
