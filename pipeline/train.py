@@ -114,6 +114,7 @@ def run(config: RunConfig) -> str:
         trainer.accumulation,
     )
     reason = trainer.fit(metrics, sample_round)
+    trainer.launcher_watch.disarm()
     # The batch script may re-send the stop warning while this process exports and exits.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if reason == "max_steps" and dist_env.is_main:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -160,14 +161,11 @@ def test_data_error_in_a_worker_exits_with_one_line(tiny_models, tmp_path):
     assert not processes_mentioning(str(run_dir))
 
 
-@pytest.mark.slow
-def test_killed_rank_ends_the_local_job(tiny_models, caption_shards, tmp_path):
-    """`kill -9` of one of two ranks under launch/stage1_local.sh: the other rank and every loader worker are gone
-    and the launcher has exited non-zero within seconds, instead of waiting out its 30 s grace period."""
-    from pipeline.training.distributed import free_port
+def start_local_job(models: Path, shards: Path, run_dir: Path) -> subprocess.Popen:
+    """Two CPU ranks of a long toy stage-1 run under launch/stage1_local.sh, returned once training has begun."""
+    from pipeline.common.dist_env import free_port
 
-    run_dir = tmp_path / "run"
-    overrides = three_step_overrides(run_dir, tiny_models, caption_shards, global_batch=8)
+    overrides = three_step_overrides(run_dir, models, shards, global_batch=8)
     overrides += ["data.num_workers=2", "train.max_steps=100000", "train.save_every_steps=100000"]
     launcher = subprocess.Popen(
         ["bash", "launch/stage1_local.sh", "configs/toy.yaml", *overrides],
@@ -178,18 +176,34 @@ def test_killed_rank_ends_the_local_job(tiny_models, caption_shards, tmp_path):
         text=True,
         start_new_session=True,
     )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        if launcher.poll() is not None or time.monotonic() > deadline:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            pytest.fail("training did not start: " + launcher.stdout.read()[-3000:])
+        time.sleep(0.5)
+    return launcher
+
+
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    """The training process of `rank` (not one of its loader workers, which share its command line)."""
+    for process in psutil.Process(launcher.pid).children(recursive=True):
+        if "pipeline.train" in " ".join(process.cmdline()) and process.environ().get("RANK") == str(rank):
+            if "deepspeed.launcher.launch" in " ".join(process.parent().cmdline()):
+                return process
+    raise AssertionError(f"no rank {rank} under the launcher")
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_local_job(tiny_models, caption_shards, tmp_path):
+    """`kill -9` of one of two ranks under launch/stage1_local.sh: the other rank and every loader worker are gone
+    and the launcher has exited non-zero within seconds, instead of waiting out its 30 s grace period."""
+    launcher = start_local_job(tiny_models, caption_shards, tmp_path / "run")
     try:
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + 240
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-            assert launcher.poll() is None, launcher.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.5)
         job = psutil.Process(launcher.pid).children(recursive=True)
-        ranks = [p for p in job if "pipeline.train" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
-        rank_1 = next(p for p in ranks if "deepspeed.launcher.launch" in " ".join(p.parent().cmdline()))
         killed = time.monotonic()
-        rank_1.send_signal(signal.SIGKILL)
+        rank_process(launcher, 1).send_signal(signal.SIGKILL)
         returncode = launcher.wait(timeout=120)
         seconds = time.monotonic() - killed
         gone, alive = psutil.wait_procs(job, timeout=5)
@@ -202,6 +216,26 @@ def test_killed_rank_ends_the_local_job(tiny_models, caption_shards, tmp_path):
     assert seconds < 20, output[-3000:]
     assert not alive, f"left running: {[p.pid for p in alive]}"
     assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_stopping_the_local_launcher_checkpoints_both_ranks(tiny_models, caption_shards, tmp_path):
+    """SIGTERM to the deepspeed launcher (as a scheduler stops it): its SIGTERM reaches the ranks while both live, so
+    they agree on a step, checkpoint it and stop cleanly; neither takes it for a failed sibling."""
+    run_dir = tmp_path / "run"
+    launcher = start_local_job(tiny_models, caption_shards, run_dir)
+    try:
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        next(p for p in children if "deepspeed.launcher.launch" in " ".join(p.cmdline())).send_signal(signal.SIGTERM)
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    output = launcher.stdout.read()
+    stopped = [int(step) for step in re.findall(r"stopped at step (\d+): signal 15", output)]
+    assert stopped and len(set(stopped)) == 1, output[-3000:]
+    assert (run_dir / "checkpoints" / f"step_{stopped[0]:08d}" / "COMPLETE").is_file()
+    assert "error:" not in output and "Traceback" not in output, output[-3000:]
 
 
 # -- hostile images and tars ---------------------------------------------------------------------------------------

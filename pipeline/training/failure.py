@@ -112,6 +112,12 @@ class LauncherWatch:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.siblings: list = []
+        self.armed = True
+
+    def disarm(self) -> None:
+        """Stop acting: the ranks have agreed to stop (or have finished), so a sibling that exits now has done its
+        part, and the launcher's SIGTERM that may follow is no sign of failure."""
+        self.armed = False
 
     def start(self) -> bool:
         """Start watching; returns False (and does nothing) when the parent is not the deepspeed launcher."""
@@ -145,7 +151,7 @@ class LauncherWatch:
     def _watch(self, read_end: int) -> None:
         while True:
             received = os.read(read_end, 64)
-            if signal.SIGTERM in received and (dead := self.dead_siblings()):
+            if signal.SIGTERM in received and self.armed and (dead := self.dead_siblings()):
                 error = PeerLost(
                     f"another rank on this node exited (pid {dead[0]}) and the launcher is stopping the job; "
                     "see that rank's error line"

@@ -144,7 +144,8 @@ class Trainer:
         self.wandb_id = None
         self.stop_signal = StopSignal()
         # After the stop handlers: a SIGTERM that follows a sibling rank's death must end this rank, not checkpoint.
-        LauncherWatch(dist_env.rank, dist_env.world_size).start()
+        self.launcher_watch = LauncherWatch(dist_env.rank, dist_env.world_size)
+        self.launcher_watch.start()
         self.stop_agreement = DeferredMax(device)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -249,10 +250,12 @@ class Trainer:
         data_iter = iter(self.loader)
         window = {"time": 0.0, "data_wait": 0.0, "totals": 0.0}
         step_started = time.perf_counter()
+        metrics.start_progress(self.step, cfg.max_steps)
         while self.step < cfg.max_steps:
             micro_batches, data_wait = self._next_micro_batches(data_iter)
             totals = self.train_step(micro_batches)
             self.step += 1
+            metrics.advance(self.step)
             # Every micro batch holds micro_batch_size samples (the loader's streams are endless).
             self.samples_seen += cfg.global_batch_size
             now = time.perf_counter()
@@ -271,6 +274,8 @@ class Trainer:
                 if val_loss is not None:
                     metrics.log(self.step, {"val/loss": val_loss})
             stop = self.agreed_stop_signal()
+            if stop:
+                self.launcher_watch.disarm()
             if (
                 stop
                 or self.step % cfg.save_every_steps == 0
