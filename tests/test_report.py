@@ -1,5 +1,5 @@
 """The run report (`python -m pipeline.report`): plots, the sample grid, eval and config sections, partial runs, and
-the page as a browser shows it.
+the page as a browser shows it; training's side of it: the report refreshed at the end, and the console's progress.
 
 The run directories are written here in the formats the trainer, the sample logger and the evaluation harness
 write, so the report is checked against those files without training anything. The browser test opens the page
@@ -10,6 +10,7 @@ unless PIPELINE_REQUIRE_BROWSER=1 (CI), where that is a failure.
 import base64
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -25,6 +26,7 @@ from PIL import Image
 from pipeline.report import write_report
 from pipeline.reporting.run_files import read_metrics
 from pipeline.reporting.sample_grid import choose_rounds
+from pipeline.training.metrics import MetricsLogger, format_duration, refresh_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_REASONS = ["bad_caption", "bad_tar", "corrupt_image", "empty_caption", "missing_member", "oversized_image"]
@@ -285,6 +287,70 @@ def test_command_line(tmp_path):
         [sys.executable, "-m", "pipeline.report", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True
     )
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error: run directory")
+
+
+def logged_run(run_dir: Path, live: bool, steps: int = 10, seconds_per_step: float = 2.0) -> MetricsLogger:
+    """A MetricsLogger driven as Trainer.fit drives it, on a clock that advances `seconds_per_step` a step."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLogger(run_dir, True, None, {}, live=live)
+    metrics.start_progress(0, 100)
+    clock = iter(seconds_per_step * step for step in range(1, steps + 1))
+    metrics.progress.clock = lambda: next(clock)
+    for step in range(1, steps + 1):
+        metrics.advance(step)
+        if step in (1, steps):
+            record = train_record(step)
+            metrics.log(step, {key: value for key, value in record.items() if key not in ("step", "time")})
+    return metrics
+
+
+def test_batch_log_lines_carry_the_eta_from_the_step_rate(tmp_path, caplog):
+    """Without a terminal each logged step is one plain line, step/total and the ETA added: 90 steps left at the
+    2 s a step measured since the first step is 3m00s. The first step has no rate yet."""
+    caplog.set_level(logging.INFO, logger="pipeline.training.metrics")
+    metrics = logged_run(tmp_path / "run", live=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert lines[0].startswith("step 1/100 loss=") and lines[0].endswith(" eta=?")
+    assert lines[1].startswith("step 10/100 loss=") and " samples_per_s=410 " in lines[1]
+    assert lines[1].endswith(" eta=3m00s")
+    assert [format_duration(s) for s in (None, 0.4, 59, 61, 3600 * 4 + 300)] == ["?", "0s", "59s", "1m01s", "4h05m"]
+    metrics.close()
+
+
+def test_live_line_on_a_terminal_keeps_other_log_records_above_it(tmp_path, capsys):
+    """On a terminal the step lines become one live line (step, loss, samples/s, ETA); other records still print,
+    the step lines still reach the log file, and the console handler is back once the logger closes."""
+    console = logging.StreamHandler(sys.stdout)
+    log_file = logging.FileHandler(tmp_path / "rank_00000.log")
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers[:] = [console, log_file]
+    root.setLevel(logging.INFO)
+    try:
+        metrics = logged_run(tmp_path / "run", live=True)
+        logging.getLogger("pipeline.test").info("a sample round")
+        assert console not in root.handlers
+        metrics.close()
+        assert root.handlers == [console, log_file]
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        log_file.close()
+    shown = capsys.readouterr().out
+    assert "step 10/100" in shown and "loss 3.886" in shown and "410.0 samples/s" in shown and "ETA 3m00s" in shown
+    assert "a sample round\n" in shown and "loss=" not in shown
+    assert "step 10/100 loss=" in (tmp_path / "rank_00000.log").read_text()
+
+
+def test_training_refreshes_the_report_and_never_fails_on_it(tmp_path, caplog):
+    """Closing the metrics logger (the end of training) rewrites report.html; a report that cannot be written is a
+    warning, not an exception that would end the run."""
+    logged_run(tmp_path / "run", live=False).close()
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Run report: run" in page and "data:image/png;base64," in page
+    caplog.set_level(logging.WARNING, logger="pipeline.training.metrics")
+    refresh_report(tmp_path / "missing")
+    assert "could not write the run report" in caplog.text and "training goes on" in caplog.text
 
 
 def skip_or_fail(reason: str) -> None:

@@ -5,6 +5,7 @@ every `logging.sample_every_steps`, in exactly the training format, captions the
 the first question of their conversation (stage 2, the reference being the first answer). Each round goes to
   <run_dir>/samples/step_XXXXXXXX.jsonl    key, prompt (stage 2), reference and generated text
   <run_dir>/samples/index.html             every round, newest first, images from samples/images/
+  <run_dir>/report.html                    the run report (pipeline.reporting), refreshed after each round
   wandb                                    a table "samples" with the image, reference and generation
 so users without wandb see the same thing.
 """
@@ -23,6 +24,7 @@ from PIL import Image
 from pipeline.data.captions import CaptionDecoder, collate_captions
 from pipeline.data.shards import expand_shards, iter_shard_records
 from pipeline.data.skips import SkipSample
+from pipeline.training.metrics import refresh_report
 
 log = logging.getLogger(__name__)
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
@@ -46,7 +48,8 @@ def read_sample_records(shards: list[str], count: int, text_member: str = "txt")
 class SampleLogger:
     def __init__(self, config, model, run_dir: Path, metrics, tokenizer):
         self.config, self.model, self.metrics, self.tokenizer = config, model, metrics, tokenizer
-        self.out_dir = run_dir / "samples"
+        self.run_dir = Path(run_dir)
+        self.out_dir = self.run_dir / "samples"
         spec = config.logging.sample_shards or (config.data.val_shards if config.data.input == "images" else "")
         self.enabled = bool(spec) and config.logging.sample_every_steps > 0 and config.logging.num_samples > 0
         self.records: list[tuple[str, dict]] = []
@@ -159,6 +162,7 @@ class SampleLogger:
             # wandb keeps a table's images in an artifact outside the run directory; the image panel's media land
             # in <run>/files/media/images, so an offline run directory holds every sample it shows.
             self.metrics.wandb_run.log({"samples": table, "sample_images": images}, step=step)
+        refresh_report(self.run_dir)
 
     def _write_html(self) -> None:
         sections = []
