@@ -57,8 +57,9 @@ class LLMConfig:
     attn_implementation: str = "sdpa"
     # torch.compile each decoder layer (dynamic shapes): fuses norms, rotary and activations around the GEMMs.
     compile_layers: bool = False
-    # Stage 2: "none" keeps the frozen weights in `dtype`; "nf4" loads them 4-bit for QLoRA (bitsandbytes NF4 with
-    # double quantisation, computing in `dtype`).
+    # "none" keeps the frozen weights in `dtype`; "nf4" loads them 4-bit (bitsandbytes NF4 with double quantisation,
+    # computing in `dtype`): QLoRA in stage 2, and in stage 1 a quarter of the LLM's memory for a smaller card or a
+    # larger LLM.
     quantization: str = "none"
 
 
@@ -382,10 +383,9 @@ def validate(config: RunConfig) -> None:
         )
     if config.stage not in (1, 2):
         raise ConfigError(f"'stage' must be 1 or 2, got {config.stage}")
+    _validate_quantization(model.llm)
     if config.stage == 2:
         _validate_stage2(config)
-    elif model.llm.quantization != "none":
-        raise ConfigError("'model.llm.quantization' is for stage 2 (QLoRA); stage 1 keeps the frozen LLM in its dtype")
 
 
 def _validate_stage2(config: RunConfig) -> None:
@@ -399,10 +399,14 @@ def _validate_stage2(config: RunConfig) -> None:
             f"'model.max_sequence_tokens'={model.max_sequence_tokens} leaves no room for text after the "
             f"{model.resampler.num_latents} image tokens; raise it"
         )
-    if model.llm.quantization not in ("none", "nf4"):
-        raise ConfigError(f"'model.llm.quantization' must be none or nf4, got '{model.llm.quantization}'")
+
+
+def _validate_quantization(llm: LLMConfig) -> None:
+    """A 4-bit (NF4) frozen LLM serves both stages: QLoRA in stage 2, a smaller card or a larger LLM in stage 1."""
+    if llm.quantization not in ("none", "nf4"):
+        raise ConfigError(f"'model.llm.quantization' must be none or nf4, got '{llm.quantization}'")
     # find_spec, not import: config checks stay fast.
-    if model.llm.quantization == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+    if llm.quantization == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("model.llm.quantization=nf4 needs bitsandbytes; pip install 'bitsandbytes>=0.50'")
 
 
