@@ -4,8 +4,8 @@
     python -m pipeline.chat runs/stage2_8b/export --image photo.jpg          # multi-turn: one question per line
 
 RUN_OR_EXPORT is a stage-2 run directory, its export/ or a merged directory (`python -m pipeline.merge`). The answer
-streams to stdout as it is generated, greedily, and stops at any of the model's terminators (EOS, <|eot_id|> and its
-generation config's EOS ids) or --max-new-tokens. What you type is text: special-token strings in it, such as
+streams to stdout as it is generated, greedily, and stops at any of the model's terminators (EOS, the family's
+end-of-turn token such as <|eot_id|> or <|im_end|>, and its generation config's EOS ids) or --max-new-tokens. What you type is text: special-token strings in it, such as
 "<|eot_id|>", are not control tokens. With --question the command answers once and exits; without it, it reads
 questions from the terminal, keeps the conversation (the image stays in the first turn) and ends on an empty line or
 end of input.
@@ -46,8 +46,9 @@ def main(argv=None) -> int:
         return 2
 
     import torch
-    from transformers import CLIPImageProcessor, TextStreamer
+    from transformers import TextStreamer
 
+    from pipeline.data.captions import load_image_processor
     from pipeline.inference.answering import InstructAnswerer
     from pipeline.inference.loading import load_instruct
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     answerer = InstructAnswerer(
         model,
         tokenizer,
-        CLIPImageProcessor.from_pretrained(manifest["vision_model"]),
+        load_image_processor(manifest["vision_model"]),
         args.max_new_tokens,
         system_prompt,
     )

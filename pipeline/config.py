@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    # Hub id or local directory of an HF `CLIPVisionModel` (with its `CLIPImageProcessor`).
+    # Hub id or local directory of a CLIP or SigLIP checkpoint (full or vision-only) with its image processor;
+    # families: pipeline/model/vision.py TOWERS.
     model: str = "openai/clip-vit-large-patch14"
     # Hidden state the resampler reads. -2 (the penultimate layer, as LLaVA and AnyMAL's reference code use)
     # keeps patch-level detail that the last layer trades away for the contrastive CLS objective.
@@ -48,6 +49,7 @@ class ResamplerConfig:
 
 @dataclass
 class LLMConfig:
+    # Hub id or local directory of a causal LM with its tokenizer; families: pipeline/model/llm.py LLM_FAMILIES.
     model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
     dtype: str = "bfloat16"
     # "sdpa", "flex_attention", "varlen" (PyTorch's variable-length flash kernel, pipeline/model/attention.py),
@@ -70,9 +72,9 @@ class LoRAConfig:
     r: int = 64
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    # Module names to adapt, or [all-linear]: every Linear layer of the decoder, whatever the family calls them,
+    # without the LM head (in LLaMA, Qwen and Mistral: q/k/v/o_proj and gate/up/down_proj).
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
 
 @dataclass
@@ -393,7 +395,9 @@ def _validate_stage2(config: RunConfig) -> None:
     if config.data.input != "images":
         raise ConfigError("stage 2 reads conversation shards with images; set data.input=images")
     if not lora.target_modules:
-        raise ConfigError("'model.lora.target_modules' is empty; name the projections to adapt, e.g. [q_proj, v_proj]")
+        raise ConfigError(
+            "'model.lora.target_modules' is empty; use [all-linear] or name the projections, e.g. [q_proj, v_proj]"
+        )
     if model.max_sequence_tokens <= model.resampler.num_latents:
         raise ConfigError(
             f"'model.max_sequence_tokens'={model.max_sequence_tokens} leaves no room for text after the "

@@ -143,8 +143,7 @@ def run_fingerprint(args, export_dir: Path, llm: str, vision: str) -> dict:
 def evaluate(args, benchmark, device) -> dict | None:
     if run_stage(args) == 2:
         return evaluate_instruct(args, benchmark, device)
-    from transformers import CLIPImageProcessor
-
+    from pipeline.data.captions import load_image_processor
     from pipeline.inference.answering import Stage1Captioner
     from pipeline.inference.loading import load_run
 
@@ -161,9 +160,7 @@ def evaluate(args, benchmark, device) -> dict | None:
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
         )
-    captioner = Stage1Captioner(
-        model, tokenizer, CLIPImageProcessor.from_pretrained(config.model.vision.model), args.max_new_tokens
-    )
+    captioner = Stage1Captioner(model, tokenizer, load_image_processor(config.model.vision.model), args.max_new_tokens)
     return benchmarks.evaluate_captions(
         benchmark,
         captioner,
@@ -177,8 +174,7 @@ def evaluate(args, benchmark, device) -> dict | None:
 
 def evaluate_instruct(args, benchmark, device) -> dict | None:
     """VQA or captioning with a stage-2 model: its answers to the benchmark's documented prompts."""
-    from transformers import CLIPImageProcessor
-
+    from pipeline.data.captions import load_image_processor
     from pipeline.inference.answering import InstructAnswerer
     from pipeline.inference.loading import find_instruct_export, load_instruct
 
@@ -186,7 +182,7 @@ def evaluate_instruct(args, benchmark, device) -> dict | None:
     answerer = InstructAnswerer(
         model,
         tokenizer,
-        CLIPImageProcessor.from_pretrained(manifest["vision_model"]),
+        load_image_processor(manifest["vision_model"]),
         args.max_new_tokens,
         manifest["system_prompt"],
     )

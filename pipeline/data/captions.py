@@ -2,8 +2,9 @@
 
 A decoder is split in two halves so that the stream and the collate serve every stage-1 variant:
 `CaptionSampleDecoder` turns the caption into token ids ending in EOS, and a subclass turns the image member
-into tensors (`CaptionDecoder`: a JPEG through the CLIP image processor into "pixel_values"; a feature
-decoder would read cached CLIP features into "image_features" instead). `collate_captions` stacks whatever
+into tensors (`CaptionDecoder`: a JPEG through the vision tower's image processor into "pixel_values"; a feature
+decoder would read cached tower features into "image_features" instead). `load_image_processor` is the one way every
+caller (training, the feature cache, evaluation, chat) gets the processor of a tower. `collate_captions` stacks whatever
 image tensors the decoder produced and concatenates the captions, so packing can come later unchanged.
 """
 
@@ -83,6 +84,14 @@ class CaptionSampleDecoder:
         raise NotImplementedError
 
 
+def load_image_processor(model: str):
+    """The image processor saved with a vision tower (hub id or directory): CLIP's, SigLIP's or any other family's,
+    as its preprocessor_config.json names it, so that resizing, cropping and normalisation are the tower's own."""
+    from transformers import AutoImageProcessor  # heavy import, paid only where images are decoded
+
+    return AutoImageProcessor.from_pretrained(model)
+
+
 # Decoded pixels above which an image is skipped (4096 x 4096): far beyond what a 224-384 px tower reads, and it bounds
 # a loader worker's memory per image (about 50 MB as RGB) whatever a shard holds.
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -109,9 +118,7 @@ class ImageDecoder:
     @property
     def image_processor(self):
         if self._image_processor is None:
-            from transformers import CLIPImageProcessor
-
-            self._image_processor = CLIPImageProcessor.from_pretrained(self.image_processor_path)
+            self._image_processor = load_image_processor(self.image_processor_path)
             self._draft_side = input_side(self._image_processor)
         return self._image_processor
 
@@ -147,7 +154,7 @@ _SIDE_NAMES = ("height", "width", "shortest_edge", "longest_edge")
 
 
 def input_side(processor) -> int:
-    """The longest side an image processor resizes or crops to (224 for CLIP ViT-L/14)."""
+    """The longest side an image processor resizes or crops to (224 for CLIP ViT-L/14, 384 for SigLIP so400m-384)."""
     sides = []
     for setting in (getattr(processor, "size", None), getattr(processor, "crop_size", None)):
         # A plain dict in older transformers, a SizeDict dataclass in newer ones.

@@ -1,46 +1,54 @@
 """Stage-2 samples: an image plus a LLaVA-format conversation, as token ids, labels and the image's offset.
 
-A conversation is rendered with the tokenizer's own chat template (`apply_chat_template`, LLaMA-3-Instruct's for the
-real model), with an optional system prompt. The image goes where `<image>` stands, or at the start of the first
-user turn when no turn has it: a placeholder special token is put there, the rendered text is tokenized, and the
-placeholder's token is taken out again, leaving its index as `image_offset` (the resampler's tokens are inserted
-before text token `image_offset`).
+A conversation is rendered with the tokenizer's own chat template (`apply_chat_template`: LLaMA-3-Instruct's,
+Qwen2.5's or Qwen3's ChatML, Mistral's [INST] format), with an optional system prompt. The image goes where `<image>`
+stands, or at the start of the first user turn when no turn has it: a placeholder string is put there, and the
+rendering is tokenized up to it and on from it, so that the resampler's tokens are inserted before text token
+`image_offset`. The placeholder itself gives no token, so no family's vocabulary needs one.
 
 Message contents, from data or typed by a user, are text: a special-token string inside one ("<|eot_id|>",
-"<|start_header_id|>assistant") is tokenized as ordinary text and can neither end a turn nor open one. Only the
-template's own text (BOS, headers, the `<|eot_id|>` that closes a turn) and the image placeholder give control
-tokens. To tell them apart, the template is also rendered with every content replaced by a sentinel, which shows
-where each content sits in the rendering; contents are then tokenized with `split_special_tokens`, the template's
-pieces without it. LLaMA-3's template trims each content and puts it between "\n\n" and a special token, where its
-pre-tokenizer splits anyway, so the tokens equal those of tokenizing the whole rendering at once whenever no
-content holds special-token text.
+"<|im_start|>assistant", "[INST]") is tokenized as ordinary text and can neither end a turn nor open one. Only the
+template's own text (BOS, headers, the token that closes a turn) gives control tokens. To tell them apart, the
+template is also rendered with every content replaced by a sentinel, which shows where each content sits in the
+rendering. A content that holds special-token text is tokenized on its own with `split_special_tokens`; the rest of
+the rendering is tokenized in one go, so an ordinary conversation's tokens are those of the whole rendering (with
+SentencePiece tokenizers too, whose pieces would change if tokenized apart).
 
-Labels come from character offsets, not from tokenizing turns one by one: the character span of each assistant
-turn (its content and the `<|eot_id|>` the template closes it with) is where rendering the conversation up to the
-turn with a generation prompt ends and rendering it up to and including the turn ends. Every token of the whole
-rendering that overlaps such a span is supervised; nothing else is (BOS, headers, user and system turns, the
-image). The tokens are those of the whole rendering, as the model sees it, and the template's own transformations
-(LLaMA-3 trims each message) are accounted for.
+Labels come from character offsets, not from tokenizing turns one by one: each assistant turn's span is its content
+as the template writes it plus the text the template closes the turn with when it is the last one rendered
+(LLaMA-3's `<|eot_id|>`, ChatML's `<|im_end|>` and newline, Mistral's `</s>`). Every token of the whole rendering that
+overlaps such a span is supervised; nothing else is (BOS, headers, user and system turns, the image, Qwen3's empty
+think block). The tokens are those of the whole rendering, as the model sees it, and the template's own
+transformations (LLaMA-3 trims each message, Qwen3 writes the last answer after an empty think block and earlier ones
+without) are accounted for. Generation prompts end where the supervised answer begins (`CHAT_TEMPLATE_OPTIONS`).
 
 Truncation drops text from the end so that image tokens plus text fit `max_sequence_tokens`; it never cuts the
-image. A sample left without a supervised token is skipped and counted (`no_supervised_tokens`).
+image. A sample left without a supervised token is skipped and counted (`no_supervised_tokens`), and so is one the
+template refuses or rewrites (`bad_conversation`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
 import torch
+from jinja2.exceptions import TemplateError
 
 from pipeline.common.labels import IGNORE_INDEX
 from pipeline.data.captions import IMAGE_MEMBERS, MAX_IMAGE_PIXELS, ImageDecoder
 from pipeline.data.skips import SkipSample, describe_error
 
 IMAGE_TAG = "<image>"
-# A special token of LLaMA-3's vocabulary (and of the toy tokenizer's) that no text uses: where it lands after
-# tokenization is where the image goes. It never reaches the model.
+# Marks the image's place in a message: the rendering is tokenized up to it and on from it, and the image goes
+# between. It is never tokenized, so no vocabulary needs it; the string is one that no text uses (a LLaMA-3 special
+# token's name, also typed text is kept apart by `IMAGE_SLOT`).
 IMAGE_PLACEHOLDER = "<|reserved_special_token_0|>"
+# Passed to every chat template (a template ignores what it does not read). Qwen3's hybrid models think before
+# answering unless told not to: generation prompts end with its empty think block ("<think>\n\n</think>\n\n"),
+# the answer follows, and training matches that (see `assistant_spans`), since the data has no reasoning to teach.
+CHAT_TEMPLATE_OPTIONS = {"enable_thinking": False}
 # The key of the message that holds the image: how many literal placeholder strings (text) precede the image's.
 IMAGE_SLOT = "image_slot"
 CONVERSATION_MEMBER = "json"
@@ -97,24 +105,42 @@ def chat_messages(turns: list[dict], system_prompt: str = "") -> list[dict]:
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **CHAT_TEMPLATE_OPTIONS
+        )
+    except TemplateError as error:  # the template's raise_exception: roles out of order, say
+        raise ConversationError(f"the chat template refused the conversation: {error}") from None
 
 
-def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
-    """Character spans of the assistant turns (content and closing tokens) in `text`, the full rendering."""
+def assistant_spans(tokenizer, messages: list[dict], text: str, pieces: list[tuple[str, int | None]]):
+    """Character spans of the assistant turns in `text`, the full rendering made of `pieces` (see `_pieces`): each
+    turn's content as the template writes it, and the text the template closes the turn with (<|eot_id|>,
+    <|im_end|> and its newline, </s>), which is what the template writes after the content when the turn is the last
+    one rendered. Text the template puts before the content (headers, Qwen3's empty think block) is not supervised:
+    generation prompts hold it."""
+    starts, position = {}, 0
+    for piece, index in pieces:
+        if index is not None:
+            starts[index] = (position, position + len(piece))
+        position += len(piece)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:index], generation_prompt=True))
-        end = len(_render(tokenizer, messages[: index + 1]))
-        if not text.startswith(_render(tokenizer, messages[: index + 1])) or start > end:
-            # A property of the tokenizer, not of one sample: stop rather than skip every sample.
+        # A property of the template, not of one sample: stop rather than skip every sample.
+        if index not in starts:
+            raise RuntimeError("the tokenizer's chat template leaves an assistant turn out of the conversation")
+        sentinel = f"\ue000{index}\ue001"
+        last = _render(tokenizer, _with_sentinels(messages[: index + 1]))
+        closing = last[last.index(sentinel) + len(sentinel) :] if sentinel in last else None
+        begin, end = starts[index]
+        if not closing or not text.startswith(closing, end):
             raise RuntimeError(
-                "the tokenizer's chat template does not render a conversation's turns as prefixes of "
-                "it; stage 2 needs a template like LLaMA-3-Instruct's"
+                "the tokenizer's chat template closes an assistant turn differently when later turns follow; "
+                "stage 2 needs a template that ends every assistant turn the same way"
             )
-        spans.append((start, end))
+        spans.append((begin, end + len(closing)))
     return spans
 
 
@@ -143,62 +169,92 @@ def _pieces(tokenizer, messages: list[dict], generation_prompt: bool) -> tuple[s
         rendered = _render(tokenizer, _with_sentinels(messages, keep=index), generation_prompt)
         before, after = skeleton[:at], skeleton[at + length :]
         if len(rendered) < len(before) + len(after) or not (rendered.startswith(before) and rendered.endswith(after)):
-            raise RuntimeError("the tokenizer's chat template renders a message depending on the others' contents")
+            # Found with this sample's contents (Qwen3 moves an answer's "<think>...</think>" out of its content):
+            # the sample's problem, skipped and counted.
+            raise ConversationError("the chat template renders a message depending on its own or others' contents")
         pieces += [(skeleton[position:at], None), (rendered[len(before) : len(rendered) - len(after)], index)]
         position = at + length
     pieces.append((skeleton[position:], None))
     text = "".join(piece for piece, _ in pieces)
     if text != _render(tokenizer, messages, generation_prompt):
-        raise RuntimeError("the tokenizer's chat template renders message contents depending on each other")
+        raise ConversationError("the chat template renders message contents depending on each other")
     return text, pieces
 
 
-def _tokenize(tokenizer, messages: list[dict], generation_prompt: bool = False):
-    """The rendering of `messages`, its token ids, and each token's (start, end) characters in the rendering.
+@functools.lru_cache(maxsize=8)
+def _added_token_strings(tokenizer) -> tuple[str, ...]:
+    """The strings the tokenizer turns into added tokens wherever they stand in text (special or not)."""
+    return tuple(token.content for token in tokenizer.added_tokens_decoder.values())
 
-    Message contents are tokenized as text (special-token strings in them become ordinary tokens), except the image
-    placeholder that `chat_messages` put in one of them; the template's own text keeps its special tokens.
+
+def _tokenize(tokenizer, messages: list[dict], generation_prompt: bool = False):
+    """The rendering of `messages` (without the image placeholder), its token ids, each token's (start, end)
+    characters in the rendering, the image's token offset, and the rendering's pieces (see `_pieces`).
+
+    Message contents are tokenized as text: one that holds an added token's string (a special token written in it)
+    is tokenized on its own with `split_special_tokens`. Everything else, the template's own text with its special
+    tokens and ordinary contents, is tokenized in one run from the image to the next such content, as the model
+    reads whole renderings; so BPE and SentencePiece tokenizers alike give the rendering's own tokens. The image
+    placeholder that `chat_messages` put in one message marks where the image goes and gives no token: it needs no
+    place in the vocabulary.
     """
     text, pieces = _pieces(tokenizer, messages, generation_prompt)
+    added = _added_token_strings(tokenizer)
     runs: list[tuple[int, str, bool]] = []  # (start in the rendering, text, tokenized as plain text?)
+    image_at = None
     start = 0
     for piece, index in pieces:
         slot = None if index is None else messages[index].get(IMAGE_SLOT)
-        if slot is None:
-            runs.append((start, piece, index is not None))
-        else:
+        split = [(start, piece)]
+        if slot is not None:
             at = -1
             for _ in range(slot + 1):
                 at = piece.find(IMAGE_PLACEHOLDER, at + 1)
             if at < 0:
                 raise ConversationError(f"the chat template dropped the image placeholder of message {index}")
-            end = at + len(IMAGE_PLACEHOLDER)
-            runs += [
-                (start, piece[:at], True),
-                (start + at, IMAGE_PLACEHOLDER, False),
-                (start + end, piece[end:], True),
-            ]
+            image_at = start + at
+            split = [(start, piece[:at]), (start + at + len(IMAGE_PLACEHOLDER), piece[at + len(IMAGE_PLACEHOLDER) :])]
+        for run_start, run in split:
+            special_text = index is not None and any(token in run for token in added)
+            runs.append((run_start, run, special_text))
         start += len(piece)
+    if image_at is None:
+        raise ConversationError("no message holds the image placeholder")
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
-    for run_start, run, as_text in runs:
-        if run:
+    image_offset = None
+    for chunk_start, chunk, as_text in _chunks(runs, image_at):
+        if chunk_start >= image_at and image_offset is None:  # the first chunk after the image
+            image_offset = len(ids)
+        if chunk:
             encoded = tokenizer(
-                run, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=as_text
+                chunk, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=as_text
             )
             ids += encoded["input_ids"]
-            offsets += [(run_start + begin, run_start + end) for begin, end in encoded["offset_mapping"]]
-    return text, ids, offsets
+            offsets += [(chunk_start + begin, chunk_start + end) for begin, end in encoded["offset_mapping"]]
+    if image_offset is None:
+        image_offset = len(ids)
+    rendering = text[:image_at] + text[image_at + len(IMAGE_PLACEHOLDER) :]
+    return rendering, text, ids, offsets, image_offset, pieces
 
 
-def _take_placeholder(tokenizer, ids: list[int], *others: list) -> int:
-    placeholder = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    positions = [i for i, token in enumerate(ids) if token == placeholder]
-    if len(positions) != 1:
-        raise ConversationError(f"the text holds {IMAGE_PLACEHOLDER} {len(positions)} times; it must hold it once")
-    for sequence in (ids, *others):
-        del sequence[positions[0]]
-    return positions[0]
+def _chunks(runs: list[tuple[int, str, bool]], image_at: int):
+    """Adjacent runs joined into the text pieces tokenized in one call: a content with special-token text stands
+    alone (tokenized as plain text), and the image placeholder divides."""
+    chunk_start, chunk = None, ""
+    for run_start, run, as_text in runs:
+        boundary = run_start == image_at + len(IMAGE_PLACEHOLDER)
+        if (as_text or boundary) and chunk_start is not None:
+            yield chunk_start, chunk, False
+            chunk_start, chunk = None, ""
+        if as_text:
+            yield run_start, run, True
+            continue
+        if chunk_start is None:
+            chunk_start = run_start
+        chunk += run
+    if chunk_start is not None:
+        yield chunk_start, chunk, False
 
 
 def encode_conversation(
@@ -208,13 +264,12 @@ def encode_conversation(
 
     Raises `NothingToLearn` when nothing supervised is left after truncation.
     """
-    text, ids, offsets = _tokenize(tokenizer, messages)
-    spans = assistant_spans(tokenizer, messages, text)
+    _, text, ids, offsets, image_offset, pieces = _tokenize(tokenizer, messages)
+    spans = assistant_spans(tokenizer, messages, text, pieces)
     labels = [
         token if any(end > span_start and start < span_end for span_start, span_end in spans) else IGNORE_INDEX
         for token, (start, end) in zip(ids, offsets, strict=True)
     ]
-    image_offset = _take_placeholder(tokenizer, ids, labels)
     budget = max_sequence_tokens - image_tokens
     if image_offset > budget:
         raise NothingToLearn(f"the image comes after {image_offset} tokens; only {budget} fit before it")
@@ -225,9 +280,9 @@ def encode_conversation(
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
-    """Token ids of `messages` followed by the assistant header (what generation continues), and the image offset."""
-    _, ids, _ = _tokenize(tokenizer, messages, generation_prompt=True)
-    return ids, _take_placeholder(tokenizer, ids)
+    """Token ids of `messages` followed by the generation prompt (what generation continues), and the image offset."""
+    _, _, ids, _, image_offset, _ = _tokenize(tokenizer, messages, generation_prompt=True)
+    return ids, image_offset
 
 
 class ConversationDecoder:
@@ -266,8 +321,6 @@ class ConversationDecoder:
                     f"tokenizer '{self.tokenizer_path}' has no chat template; stage 2 needs an "
                     "instruction-tuned model's tokenizer (e.g. Meta-Llama-3-8B-Instruct)"
                 )
-            if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
-                raise ValueError(f"tokenizer '{self.tokenizer_path}' lacks {IMAGE_PLACEHOLDER}, the image placeholder")
             self._tokenizer = tokenizer
         return self._tokenizer
 

@@ -1,14 +1,19 @@
-"""Feature shards: cached CLIP features of image shards, their byte format, and the decoder that trains from them.
+"""Feature shards: cached vision-tower features of image shards, their format, and the decoder that trains from them.
 
 A feature shard is a plain webdataset tar with the same samples, keys and order as the image shard it was made
 from (`pipeline.prep.feature_cache` writes them). Each sample has three members:
 
-    KEY.features.safetensors  one tensor "features", [tokens, width] ([257, 1024] for ViT-L/14 at 224 px), in the
-                              cache's dtype (float16 by default; bfloat16; float32 for tests). A standard
-                              safetensors file, so any safetensors reader loads it.
+    KEY.features.safetensors  one tensor "features", [tokens, width] ([257, 1024] for CLIP ViT-L/14 at 224 px,
+                              [729, 1152] for SigLIP so400m/14 at 384 px), in the cache's dtype (float16 by
+                              default; bfloat16; float32 for tests). A standard safetensors file, so any
+                              safetensors reader loads it.
     KEY.txt                   the caption, byte for byte as in the image shard
-    KEY.json                  the image shard's metadata plus a "feature_cache" entry: model, feature layer, tower
-                              dtype, dtype, shape and the image shard's name
+    KEY.json                  the image shard's metadata plus a "feature_cache" entry: model, tower (family and
+                              architecture), feature layer, tower dtype, dtype, shape and the image shard's name
+
+The manifest record of each shard (`manifest/NAME.json` beside the shards) holds the same entry; training from
+features checks the first sample's entry against its own tower before anything loads
+(`pipeline.training.preflight`).
 
 Tar headers carry no time, owner or host, so the same input gives the same bytes. `FeatureDecoder` is the
 stage-1 decoder for `data.input: features`: it yields "image_features" where `CaptionDecoder` yields
@@ -70,11 +75,18 @@ def decode_features(data: bytes) -> torch.Tensor:
 
 
 def expected_feature_shape(vision_model: str) -> tuple[int, int]:
-    """[tokens, width] of the hidden states a CLIP vision model yields: (image / patch)^2 + CLS, by hidden size."""
-    from transformers import CLIPVisionConfig
+    """[tokens, width] of the hidden states a vision tower yields, read off the tower built from its config alone on
+    the meta device (no weights): its position embeddings count the tokens, patches plus CLS where the family has
+    one (CLIP ViT-L/14 at 224 px: [257, 1024]; SigLIP so400m/14 at 384 px: [729, 1152])."""
+    import torch
+    from transformers import AutoConfig, AutoModel
 
-    config = CLIPVisionConfig.from_pretrained(vision_model)
-    return ((config.image_size // config.patch_size) ** 2 + 1, config.hidden_size)
+    config = AutoConfig.from_pretrained(vision_model)
+    config = getattr(config, "vision_config", None) or config
+    with torch.device("meta"):
+        tower = AutoModel.from_config(config)
+    body = getattr(tower, "vision_model", tower)
+    return (int(body.embeddings.num_positions), int(config.hidden_size))
 
 
 class FeatureDecoder(CaptionSampleDecoder):

@@ -2,7 +2,7 @@
 sample tables generate through.
 
 Each callable has the signature `generate(images, prompts) -> texts` that the evaluation runner splits over ranks:
-`Stage1Captioner` captions from BOS and the image prefix alone (stage 1 trains with no text before the caption);
+`Stage1Captioner` captions from BOS (where the model has one) and the image prefix alone (stage 1 trains with no text before the caption);
 `InstructAnswerer` puts each prompt in a user turn of the chat template, exactly as stage 2 trains.
 """
 
@@ -48,8 +48,8 @@ class Stage1Captioner:
 class InstructAnswerer:
     """`generate` for an instruction-tuned (stage 2) model: each prompt is a user turn about its image.
 
-    Answers are greedy and end at any of the model's terminators (`AnyMAL.stop_ids`: EOS, <|eot_id|> and the
-    generation config's), from exactly the training format (`pipeline.data.conversations`):
+    Answers are greedy and end at any of the model's terminators (`AnyMAL.stop_ids`: EOS, the family's end-of-turn
+    token and the generation config's), from exactly the training format (`pipeline.data.conversations`):
     the chat template, the optional system prompt, the image where `<image>` stands or at the start of the turn.
     `answer` takes whole conversations (LLaVA turns, the last one a human turn) for multi-turn use.
     """

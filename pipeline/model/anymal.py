@@ -1,8 +1,9 @@
 """AnyMAL for images: vision features → Perceiver Resampler → image tokens among the LLM's input embeddings.
 
-Stage 1's sequence is BOS, the resampler's tokens, the caption tokens, then EOS; the loss covers only the caption
-tokens and EOS. Stage 2's is a chat-templated conversation with the image tokens at the sample's image offset (see
-`pipeline.data.conversations`); the loss covers the assistant turns. Both go through the same layouts
+Stage 1's sequence is BOS (for a model that has one; Qwen has none and starts with the image), the resampler's
+tokens, the caption tokens, then the tokenizer's EOS; the loss covers only the caption tokens and EOS. Stage 2's is
+a chat-templated conversation with the image tokens at the sample's image offset (see `pipeline.data.conversations`);
+the loss covers the assistant turns. Both go through the same layouts
 (`pack_samples`, `pad_samples`), loss (`supervised_loss`) and generation (`generate`), so training, generation and
 evaluation share one format. Model code knows nothing of DeepSpeed: the trainer's stage decides what it wraps.
 """
@@ -19,9 +20,9 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.model.attention import VARLEN, varlen_kwargs
 from pipeline.model.layout import TokenLayout, caption_text, pack_samples, pad_samples
-from pipeline.model.llm import load_llm
+from pipeline.model.llm import end_of_turn_tokens, load_llm
 from pipeline.model.resampler import PerceiverResampler
-from pipeline.model.vision import VisionTower, load_vision_tower
+from pipeline.model.vision import VisionTower, load_vision_tower, tower_width
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class AnyMAL(nn.Module):
         vision: VisionTower | None,
         resampler: PerceiverResampler,
         llm,
-        bos_id: int,
+        bos_id: int | None,
         eos_id: int,
         pad_id: int,
         packing: bool = True,
@@ -137,7 +138,7 @@ class AnyMAL(nn.Module):
         return self.text_image_loss(
             prefix,
             *caption_text(batch["caption_ids"], batch["caption_lengths"], self.bos_id),
-            max_length=1 + prefix.shape[1] + self.max_caption_tokens,
+            max_length=(0 if self.bos_id is None else 1) + prefix.shape[1] + self.max_caption_tokens,
         )
 
     def conversation_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +171,7 @@ class AnyMAL(nn.Module):
         decoder = self.llm.get_decoder()
         varlen = self.packing and self.llm.config._attn_implementation == VARLEN
         if self.packing:
-            layout = pack_samples(text_ids, text_labels, text_lengths, image_offsets, prefix_length, self.bos_id)
+            layout = pack_samples(text_ids, text_labels, text_lengths, image_offsets, prefix_length, self.pad_id)
         else:
             layout = pad_samples(text_ids, text_labels, text_lengths, image_offsets, prefix_length, self.pad_id)
         if varlen:
@@ -259,18 +260,21 @@ class AnyMAL(nn.Module):
         return continuations
 
     def generate_captions(self, batch: dict, max_new_tokens: int = 32) -> list[list[int]]:
-        """Greedy captions, from exactly the training format: BOS, the image prefix, then generated tokens."""
+        """Greedy captions, from exactly the training format: BOS (if the model has one), the image prefix, then
+        generated tokens."""
         size = batch["pixel_values" if "pixel_values" in batch else "image_features"].shape[0]
-        return self.generate(batch, [[self.bos_id]] * size, [1] * size, max_new_tokens)
+        prompt = [] if self.bos_id is None else [self.bos_id]
+        return self.generate(batch, [prompt] * size, [len(prompt)] * size, max_new_tokens)
 
 
 def terminator_ids(tokenizer, generation_config=None) -> list[int]:
-    """Every token id that ends a generation: the tokenizer's EOS, <|eot_id|> when the vocabulary has it, and the
-    EOS id or ids of the model's generation config. LLaMA-3-8B-Instruct lists <|end_of_text|> and <|eot_id|> there,
-    and depending on its tokenizer's release, EOS is one or the other."""
+    """Every token id that ends a generation: the tokenizer's EOS, the end-of-turn token of the families in
+    `LLM_FAMILIES` that the vocabulary has (<|eot_id|>, <|im_end|>), and the EOS id or ids of the model's generation
+    config. LLaMA-3-8B-Instruct lists <|end_of_text|> and <|eot_id|> there, and depending on its tokenizer's release,
+    EOS is one or the other; Qwen3's lists <|im_end|> and <|endoftext|>; Mistral's turns end with EOS."""
     ids = {tokenizer.eos_token_id}
-    if "<|eot_id|>" in tokenizer.get_vocab():
-        ids.add(tokenizer.convert_tokens_to_ids("<|eot_id|>"))
+    vocabulary = tokenizer.get_vocab()
+    ids.update(vocabulary[token] for token in end_of_turn_tokens() if token in vocabulary)
     configured = getattr(generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
     return sorted(int(token) for token in ids if token is not None)
@@ -291,12 +295,13 @@ def build_anymal(
     llm = llm if llm is not None else load_llm(config.llm, device)
     vision = load_vision_tower(config.vision) if load_vision else None
     if resampler is None:
-        vision_width = vision.width if vision is not None else _vision_width(config.vision.model)
+        vision_width = vision.width if vision is not None else tower_width(config.vision.model)
         resampler = build_resampler(config, vision_width, llm.config.hidden_size)
+    # BOS may be absent (Qwen): stage-1 rows then start with the image (`caption_text`).
     bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    if bos_id is None or eos_id is None:
-        raise ValueError(f"tokenizer of {config.llm.model} lacks a bos or eos token; stage 1 needs both")
+    if eos_id is None:
+        raise ValueError(f"tokenizer of {config.llm.model} lacks an eos token; captions and turns must end in one")
     return AnyMAL(
         vision,
         resampler,
@@ -323,9 +328,3 @@ def build_resampler(config: ModelConfig, vision_width: int, llm_width: int) -> P
         width=r.width,
         ff_mult=r.ff_mult,
     )
-
-
-def _vision_width(model: str) -> int:
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig.from_pretrained(model).hidden_size

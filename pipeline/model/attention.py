@@ -13,6 +13,11 @@ batch's own maximum, so it is a constant and compiled layers are not re-speciali
 
 Everything else falls back to SDPA: padded rows and generation (with their masks), and the CPU, where the packed
 case runs SDPA under the equivalent mask (`_span_mask`) so that the tests check the same boundaries.
+
+Every decoder transformers implements with an attention interface goes through here unchanged: LLaMA, Qwen2.5,
+Qwen3 (its q_norm/k_norm run in the layer, before the interface) and Mistral. A layer with a sliding window
+(Mistral v0.1's 4096 tokens, Qwen with use_sliding_window) passes it as `sliding_window`: a packed sample no longer
+than the window is attended exactly, and a longer bound is refused rather than attended past the window.
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         )
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError("varlen attention takes one packed row without an attention mask")
+    check_window(kwargs.get("sliding_window"), max_length)
     if dropout:
         raise ValueError("varlen attention has no attention dropout; set the LLM's attention_dropout to 0")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -125,6 +131,17 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_seq_lens, max_length, scale
     )
     return out[None], None
+
+
+def check_window(window: int | None, max_length: int) -> None:
+    """Packed samples up to `max_length` tokens fit a sliding window of `window` tokens (None: no window), so that
+    attending to the whole sample is what the window would attend to."""
+    if window is not None and max_length > window:
+        raise ValueError(
+            f"the LLM attends within a sliding window of {window} tokens, and packed samples may be {max_length} "
+            "tokens long; varlen attention has no window: lower model.max_sequence_tokens (stage 2) or "
+            "model.max_caption_tokens to fit, or use model.llm.attn_implementation=sdpa or flex_attention"
+        )
 
 
 def varlen_mask(attention_mask=None, **kwargs):

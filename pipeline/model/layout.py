@@ -2,7 +2,8 @@
 
 Packed (`pack_samples`): a micro batch in one row, positions restarting at every sample, the samples' boundaries for
 varlen attention. Padded (`pad_samples`): one row per sample with an attention mask, on the right for training and on
-the left for generation. Both give the same summed loss; stage 1's texts are BOS then the caption (`caption_text`).
+the left for generation. Both give the same summed loss; stage 1's texts are BOS (where the model has one) then the
+caption (`caption_text`).
 """
 
 from __future__ import annotations
@@ -139,11 +140,16 @@ def pad_samples(
     return TokenLayout(input_ids, labels, rows, positions, *_loss_positions(labels), attention_mask=present.long())
 
 
-def caption_text(caption_ids: torch.Tensor, caption_lengths: torch.Tensor, bos_id: int):
+def caption_text(caption_ids: torch.Tensor, caption_lengths: torch.Tensor, bos_id: int | None):
     """Stage 1's texts: BOS then the caption (its tokens and EOS supervised), the image right after BOS.
 
-    Returns (text_ids, text_labels, text_lengths, image_offsets) as `pack_samples` and `pad_samples` take them.
+    A model without a BOS token (Qwen's tokenizers have none, and Qwen was never trained with one) starts each row
+    with the image instead: no substitute token is invented, and the last image token predicts the first caption
+    token. Returns (text_ids, text_labels, text_lengths, image_offsets) as `pack_samples` and `pad_samples` take them.
     """
+    if bos_id is None:
+        lengths = caption_lengths.to(caption_ids.device)
+        return caption_ids, caption_ids, lengths, torch.zeros_like(lengths)
     lengths = caption_lengths.to(caption_ids.device) + 1
     starts = torch.cumsum(lengths, 0) - lengths
     text_ids = torch.full((int(lengths.sum()),), bos_id, dtype=torch.long, device=caption_ids.device)
@@ -155,14 +161,20 @@ def caption_text(caption_ids: torch.Tensor, caption_lengths: torch.Tensor, bos_i
 
 
 def caption_sequence(
-    caption_ids: torch.Tensor, caption_lengths: torch.Tensor, prefix_length: int, bos_id: int, pad_id: int
+    caption_ids: torch.Tensor, caption_lengths: torch.Tensor, prefix_length: int, bos_id: int | None, pad_id: int
 ) -> TokenLayout:
-    """Concatenated captions (each ending in EOS) as right-padded rows of BOS, image prefix, caption."""
+    """Concatenated captions (each ending in EOS) as right-padded rows of BOS (if any), image prefix, caption."""
     return pad_samples(*caption_text(caption_ids, caption_lengths, bos_id), prefix_length, pad_id)
 
 
 def packed_caption_sequence(
-    caption_ids: torch.Tensor, caption_lengths: torch.Tensor, prefix_length: int, bos_id: int
+    caption_ids: torch.Tensor,
+    caption_lengths: torch.Tensor,
+    prefix_length: int,
+    bos_id: int | None,
+    filler_id: int | None = None,
 ) -> TokenLayout:
-    """A micro batch's captions packed into one row of [BOS, prefix, caption] per sample (prefix slots hold BOS)."""
-    return pack_samples(*caption_text(caption_ids, caption_lengths, bos_id), prefix_length, bos_id)
+    """A micro batch's captions packed into one row of [BOS (if any), prefix, caption] per sample; prefix slots hold
+    `filler_id` (default BOS), which the image's embeddings replace."""
+    filler = filler_id if filler_id is not None else bos_id
+    return pack_samples(*caption_text(caption_ids, caption_lengths, bos_id), prefix_length, filler)

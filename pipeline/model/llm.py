@@ -1,9 +1,19 @@
-"""The frozen causal LM (LLaMA-3-8B-Instruct by default), loaded through `AutoModelForCausalLM`."""
+"""The frozen causal LM (LLaMA-3-8B-Instruct by default, or Qwen2.5/Qwen3 or Mistral), loaded through
+`AutoModelForCausalLM`.
+
+`LLM_FAMILIES` is the one place that knows the families: their model_type and the token that ends an assistant turn
+in their chat template (generation stops there; see `pipeline.model.anymal.terminator_ids`). Everything else comes from
+the checkpoint: the decoder layers from transformers, BOS and EOS from the tokenizer (a model without BOS, like Qwen,
+starts stage-1 rows with the image; `pipeline.model.layout.caption_text`), the chat format from the tokenizer's
+template (`pipeline.data.conversations`), LoRA's targets from the decoder's Linear layers (`pipeline.model.lora`).
+Adding a family whose decoder transformers implements is an entry here, plus the tests' tiny model of it.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -13,6 +23,50 @@ from pipeline.config import LLMConfig
 from pipeline.model.attention import VARLEN, register_varlen, varlen_available
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LLMFamily:
+    name: str
+    # The token the chat template closes an assistant turn with, where it is not the tokenizer's EOS in every
+    # release (LLaMA-3's EOS has been <|end_of_text|>; Qwen base models' EOS is <|endoftext|>).
+    end_of_turn: tuple[str, ...] = ()
+
+
+LLM_FAMILIES = {
+    "llama": LLMFamily("LLaMA-3.x", ("<|eot_id|>",)),
+    "qwen2": LLMFamily("Qwen2.5", ("<|im_end|>",)),
+    "qwen3": LLMFamily("Qwen3", ("<|im_end|>",)),
+    "mistral": LLMFamily("Mistral"),  # [INST] ... [/INST] answer</s>: the EOS ends the turn
+}
+
+
+class UnsupportedLLM(ValueError):
+    """An LLM of a family the pipeline has not been checked with; the message names the supported ones."""
+
+
+def llm_family(model_type: str) -> LLMFamily:
+    if model_type not in LLM_FAMILIES:
+        raise UnsupportedLLM(
+            f"model.llm.model has model_type '{model_type}'; supported: {', '.join(sorted(LLM_FAMILIES))} "
+            "(pipeline/model/llm.py LLM_FAMILIES)"
+        )
+    return LLM_FAMILIES[model_type]
+
+
+def end_of_turn_tokens() -> set[str]:
+    """Every family's end-of-turn token strings (a tokenizer has at most its own family's)."""
+    return {token for family in LLM_FAMILIES.values() for token in family.end_of_turn}
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of an LLM config's sliding layers, or None when every layer attends to the whole
+    sequence (Qwen2/3 set sliding_window to None unless use_sliding_window; Mistral v0.1 has 4096, later ones none)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
 
 
 def check_attn_implementation(name: str) -> None:
@@ -49,6 +103,9 @@ def load_llm(config: LLMConfig, device=None) -> PreTrainedModel:
     """The frozen LLM in eval mode. A quantized LLM is loaded straight onto `device` (bitsandbytes quantizes
     while loading); an unquantized one is loaded on the CPU and moved by the caller."""
     check_attn_implementation(config.attn_implementation)
+    from transformers import AutoConfig
+
+    llm_family(AutoConfig.from_pretrained(config.model).model_type)
     quantization = quantization_config(config)
     placement = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device)}}
     llm = AutoModelForCausalLM.from_pretrained(

@@ -1,6 +1,8 @@
 """Stage 2's LoRA adapters on the LLM (peft), over bf16 or 4-bit NF4 base weights (QLoRA).
 
-`add_lora` puts fresh adapters on the projections the config names; `adapter_modules` lists the adapters' own
+`add_lora` puts fresh adapters on the projections the config names, or with `all-linear` (the default) on every
+Linear layer of the decoder whatever its family calls them (peft finds them, leaving out the LM head): q/k/v/o and
+gate/up/down in LLaMA, Qwen and Mistral; `adapter_modules` lists the adapters' own
 Linear layers (what trains inside the LLM, and all that the optimizer and DeepSpeed may see of it);
 `load_adapter` puts a trained adapter directory (peft format) on a base LLM for inference or merging.
 """
@@ -11,16 +13,20 @@ from torch import nn
 
 from pipeline.config import LoRAConfig
 
+ALL_LINEAR = "all-linear"
+
 
 def add_lora(llm, config: LoRAConfig):
     """Wrap `llm` in a peft model with fresh adapters (B = 0, so the model's output is unchanged at first)."""
     from peft import LoraConfig, get_peft_model
 
+    targets = list(config.target_modules)
     lora = LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=list(config.target_modules),
+        # peft resolves the string, not a list holding it.
+        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
         bias="none",
         task_type="CAUSAL_LM",
     )

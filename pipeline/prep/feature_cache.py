@@ -1,4 +1,4 @@
-"""The feature-caching job: CLIP features of img2dataset shards, computed once for stage-1 runs that skip the tower.
+"""The feature-caching job: tower features of img2dataset shards, computed once for stage-1 runs that skip the tower.
 
     python -m pipeline.prep.feature_cache run --config configs/stage1_8b.yaml \\
         --shards '/data/laion/shards/{00000..41407}.tar' --out /data/laion/features
@@ -167,6 +167,7 @@ def cache_features(
     tower = load_vision_tower(vision).to(device)
     provenance = {
         "model": vision.model,
+        "tower": tower.signature,
         "feature_layer": vision.feature_layer,
         "hidden_state_index": tower.index,
         "tower_dtype": vision.dtype,
@@ -300,11 +301,11 @@ def verify(out_dir: str | Path, shard_spec: str | None = None, workers: int = 1)
 
 def _provenance_problems(records: dict[str, dict]) -> list[str]:
     """Shards cached with another model, layer or dtype than most: training would mix incompatible features."""
-    fields = ("model", "feature_layer", "tower_dtype", "dtype")
-    common = Counter(tuple(r.get(f) for f in fields) for r in records.values()).most_common(1)
+    fields = ("model", "tower", "feature_layer", "tower_dtype", "dtype")
+    common = Counter(json.dumps([r.get(f) for f in fields]) for r in records.values()).most_common(1)
     if not common:
         return []
-    expected = dict(zip(fields, common[0][0], strict=True))
+    expected = dict(zip(fields, json.loads(common[0][0]), strict=True))
     problems = []
     for name, record in records.items():
         differences = {field: record.get(field) for field in fields if record.get(field) != expected[field]}

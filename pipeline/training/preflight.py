@@ -3,7 +3,8 @@
 A wrong model path, an unwritable run directory, a DeepSpeed JSON that is missing, shards that are missing or
 hold another kind of data, more loader readers than shards, `nccl` on a machine without GPUs, a feature layer
 the tower does not have: each of these would otherwise surface after the model load (tens of seconds for an 8B
-LLM), on every rank, as a traceback. Here each is one `ConfigError` or `DataError` line that names the key, the
+LLM), on every rank, as a traceback; so would features cached with another tower, layer or shape, and a backbone of a
+family the pipeline does not load. Here each is one `ConfigError` or `DataError` line that names the key, the
 file or the shard and what to do. The checks read small files only (model configs, the first record of a shard),
 so they take well under a second, and they write nothing.
 """
@@ -31,8 +32,6 @@ MANAGED_DS_KEYS = (
 # A Hugging Face hub id: "name" or "organisation/name".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
-_FEATURES_MEMBER = "features.safetensors"
 
 
 class RankError(ConfigError):
@@ -46,10 +45,13 @@ def preflight(config: RunConfig, world_size: int, local_rank: int = 0) -> None:
     check_run_dir(config.run_dir)
     read_deepspeed_json(config.train.deepspeed_config)
     images = config.data.input == "images"
-    model_directory("model.llm.model", config.model.llm.model, _TOKENIZER_FILES)
-    if images:  # a run on cached features never loads the tower
-        vision_dir = model_directory("model.vision.model", config.model.vision.model, ("preprocessor_config.json",))
-        check_feature_layer(vision_dir, config.model.vision.feature_layer)
+    llm_dir = model_directory("model.llm.model", config.model.llm.model, _TOKENIZER_FILES)
+    check_llm(llm_dir, config)
+    # A run on cached features never loads the tower, but its config sizes the resampler and checks the cache.
+    wanted = ("preprocessor_config.json",) if images else ("config.json",)
+    vision_dir = model_directory("model.vision.model", config.model.vision.model, wanted)
+    check_vision_family(vision_dir)
+    check_feature_layer(vision_dir, config.model.vision.feature_layer)
     source = config.model.stage1_resampler
     if config.stage == 2 and source and not Path(source).exists():
         raise ConfigError(f"model.stage1_resampler '{source}' does not exist; point at a stage-1 run or its export/")
@@ -169,6 +171,78 @@ def check_feature_layer(vision_dir: Path | None, feature_layer: int) -> None:
         )
 
 
+def check_vision_family(vision_dir: Path | None) -> None:
+    """The tower is of a family `pipeline.model.vision.TOWERS` loads."""
+    if vision_dir is None:
+        return
+    from pipeline.model.vision import UnsupportedTower, tower_family
+
+    try:
+        tower_family(json.loads((vision_dir / "config.json").read_text()).get("model_type", ""))
+    except UnsupportedTower as error:
+        raise ConfigError(f"{error} ({vision_dir})") from None
+
+
+def check_llm(llm_dir: Path | None, config: RunConfig) -> None:
+    """The LLM is of a family `pipeline.model.llm.LLM_FAMILIES` knows, and a sliding window, where it has one, holds
+    the longest packed sample that varlen attention would attend to."""
+    if llm_dir is None:
+        return
+    from transformers import AutoConfig
+
+    from pipeline.model.attention import VARLEN, check_window
+    from pipeline.model.llm import UnsupportedLLM, llm_family, sliding_window
+
+    llm_config = AutoConfig.from_pretrained(llm_dir)
+    try:
+        llm_family(llm_config.model_type)
+    except UnsupportedLLM as error:
+        raise ConfigError(f"{error} ({llm_dir})") from None
+    model = config.model
+    if model.packing and model.llm.attn_implementation == VARLEN:
+        stage1 = 1 + model.resampler.num_latents + model.max_caption_tokens
+        try:
+            check_window(sliding_window(llm_config), stage1 if config.stage == 1 else model.max_sequence_tokens)
+        except ValueError as error:
+            raise ConfigError(f"model.llm.model '{model.llm.model}': {error}") from None
+
+
+def check_feature_cache(entry: dict, shard: str, where: str, config: RunConfig) -> None:
+    """Cached features (the first sample's "feature_cache" entry) come from this run's tower, layer and shape.
+
+    The tower is compared by family and architecture (`tower_signature`), so a cache made from the same checkpoint
+    at another path is accepted; a cache that predates that record is compared by model path."""
+    vision = config.model.vision
+    vision_dir = model_directory("model.vision.model", vision.model, ("config.json",))
+    if vision_dir is None:
+        return
+    from transformers import AutoConfig
+
+    from pipeline.data.features import expected_feature_shape
+    from pipeline.model.vision import hidden_state_index, tower_signature, vision_config_of
+
+    tower_config = AutoConfig.from_pretrained(vision_dir)
+    layers = vision_config_of(tower_config).num_hidden_layers
+    ours = {
+        "tower": tower_signature(tower_config) if "tower" in entry else vision.model,
+        "hidden state": hidden_state_index(vision.feature_layer, layers),
+        "shape": list(expected_feature_shape(str(vision_dir))),
+    }
+    cached = {
+        "tower": entry.get("tower", entry.get("model")),
+        "hidden state": entry.get("hidden_state_index"),
+        "shape": entry.get("shape"),
+    }
+    differences = [name for name in ours if cached[name] != ours[name]]
+    if differences:
+        raise DataError(
+            f"'{where}': {shard} holds features of {entry.get('model')} (feature_layer {entry.get('feature_layer')}, "
+            f"shape {cached['shape']}), but this run's model.vision is {vision.model} (feature_layer "
+            f"{vision.feature_layer}, shape {ours['shape']}); their {' and '.join(differences)} differ: recache with "
+            "data_prep/cache_features.sh and this config, or set model.vision to the cache's tower"
+        )
+
+
 def check_shards(config: RunConfig, world_size: int) -> None:
     """Every shard spec matches files; each source has a shard per reader and holds the kind of data the run reads."""
     data = config.data
@@ -199,13 +273,16 @@ def check_shard_contents(shard: str, where: str, config: RunConfig) -> None:
     loader, which skips and counts what it cannot read)."""
     if is_remote(shard):
         return
+    from pipeline.data.captions import IMAGE_MEMBERS
+    from pipeline.data.features import FEATURES_MEMBER
+
     try:
         _, members = next(iter_shard_records(shard))
     except Exception:  # empty, unreadable or truncated: bad_tar is the loader's to count
         return
     found = sorted(members)
-    has_image = any(name in members for name in _IMAGE_MEMBERS)
-    has_features = _FEATURES_MEMBER in members
+    has_image = any(name in members for name in IMAGE_MEMBERS)
+    has_features = FEATURES_MEMBER in members
     if config.stage == 2:
         if not (has_image and _has_conversation(members)):
             kind = "caption shards of stage 1" if "txt" in members else "not conversation shards"
@@ -218,13 +295,20 @@ def check_shard_contents(shard: str, where: str, config: RunConfig) -> None:
         hint = "set data.input=images or point" if has_image else "point"
         raise DataError(
             f"'{where}': the first sample of {shard} has members {found}, but data.input=features reads cached "
-            f"features ({_FEATURES_MEMBER}); {hint} at shards written by data_prep/cache_features.sh"
+            f"features ({FEATURES_MEMBER}); {hint} at shards written by data_prep/cache_features.sh"
         )
+    if config.data.input == "features":
+        try:
+            entry = json.loads(members.get("json", b"{}")).get("feature_cache")
+        except (ValueError, AttributeError):
+            entry = None
+        if isinstance(entry, dict):
+            check_feature_cache(entry, shard, where, config)
     if config.data.input == "images" and not has_image:
         hint = "set data.input=features or point" if has_features else "point"
         raise DataError(
             f"'{where}': the first sample of {shard} has members {found}, but data.input=images reads an image "
-            f"({', '.join(_IMAGE_MEMBERS)}); {hint} at image shards written by data_prep/img2dataset.sh"
+            f"({', '.join(IMAGE_MEMBERS)}); {hint} at image shards written by data_prep/img2dataset.sh"
         )
     if "txt" not in members:
         raise DataError(
