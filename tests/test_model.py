@@ -1,4 +1,4 @@
-"""Model shapes on the real 8B recipe (meta device, no weights) and the caption label layout."""
+"""Model shapes on the real 8B recipes (meta device, no weights) and the caption label layout."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from pipeline.common.labels import IGNORE_INDEX
 from pipeline.config import load_config
 from pipeline.model.anymal import build_resampler
 from pipeline.model.layout import caption_sequence
-from pipeline.model.reference import CLIP_VIT_L14, llama3_8b_config
+from pipeline.model.reference import CLIP_VIT_L14, llama3_8b_config, qwen3_8b_config, siglip2_so400m_384_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +27,28 @@ def test_real_recipe_shapes_on_meta_device():
     n_resampler = sum(p.numel() for p in resampler.parameters())
     # Inner width 1024 by default: ~80M, not the 1.6B of a 4096-wide connector.
     assert 70e6 < n_resampler < 90e6, n_resampler
+
+
+def test_siglip2_qwen3_recipe_shapes_on_meta_device():
+    """SigLIP2-so400m at 384 px gives [729, 1152] (27 x 27 patches, no CLS) from its penultimate layer; the recipe's
+    resampler maps them to 64 tokens of Qwen3-8B's width 4096; Qwen3-8B has 8.19B parameters and no sliding window."""
+    from transformers import Qwen3ForCausalLM, SiglipVisionModel
+
+    from pipeline.model.llm import sliding_window
+    from pipeline.model.vision import VisionTower
+
+    config = load_config(ROOT / "configs/stage1_siglip2_qwen3_8b.yaml")
+    with torch.device("meta"):
+        tower = VisionTower(SiglipVisionModel(siglip2_so400m_384_config()), config.model.vision.feature_layer)
+        llm = Qwen3ForCausalLM(qwen3_8b_config())
+        resampler = build_resampler(config.model, tower.width, llm.config.hidden_size)
+        features = tower(torch.empty(2, 3, 384, 384))
+        prefix = resampler(features)
+    assert (tower.tokens, tower.width) == (729, 1152) and tuple(features.shape) == (2, 729, 1152)
+    assert len(tower.encoder.encoder.layers) == 26 and not hasattr(tower.encoder, "head")
+    assert tuple(prefix.shape) == (2, 64, 4096)
+    assert round(sum(p.numel() for p in llm.parameters()) / 1e9, 2) == 8.19
+    assert sliding_window(llm.config) is None
 
 
 def test_mfu_counts_the_body_at_every_token_and_the_head_at_supervised_tokens():
