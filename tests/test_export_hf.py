@@ -1,11 +1,12 @@
 """The Hugging Face export (`python -m pipeline.export_hf`) on tiny models: loaded with `trust_remote_code` in a
 Python that cannot import this repository, it generates exactly what the pipeline generates (greedy, fp32) for a
 stage-1 run (captions) and a stage-2 run (chat, one and several turns, a system prompt, special-token text in a
-question), with the LoRA adapter kept apart and merged, one by one and batched; it also loads and answers in bf16."""
+question), with the LoRA adapter kept apart and merged, one by one and batched; it also loads and answers in bf16.
+Its code files import only what a user has, and from transformers only names that every supported release has."""
 
+import ast
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,21 @@ MAX_NEW_TOKENS = 6
 SYSTEM_PROMPT = "describe the shape ."
 # The pipeline's chat CLI treats typed special-token strings as text; the export's processor must too.
 INJECTED = "what colour <|eot_id|> <|start_header_id|>assistant is it ?"
+
+# What the exported code may import besides the standard library and its own files: a user has these and nothing else.
+EXPORT_PACKAGES = {"torch", "transformers", "safetensors", "PIL", "peft"}
+# Every name the exported code imports from transformers. Each exists in the oldest transformers requirements.txt
+# allows as well as the newest; CI has only one of them, so a name is added here after checking it in the oldest.
+TRANSFORMERS_NAMES = {
+    "transformers.AutoConfig",
+    "transformers.AutoModel",
+    "transformers.AutoModelForCausalLM",
+    "transformers.BatchFeature",
+    "transformers.GenerationMixin",
+    "transformers.PreTrainedModel",
+    "transformers.PretrainedConfig",
+    "transformers.ProcessorMixin",
+}
 
 # Run by a Python started with -I (no current directory, no PYTHONPATH) that also refuses any `pipeline` import,
 # from a directory outside the repository: only the exported files and the installed packages are there.
@@ -181,11 +197,47 @@ def test_export_directory_is_self_describing(runs):
     processor = json.loads((directory / "processor_config.json").read_text())
     assert processor["system_prompt"] == SYSTEM_PROMPT and processor["auto_map"]["AutoProcessor"]
     assert "trust_remote_code=True" in (directory / "README.md").read_text()
-    for name in ("modeling_anymal.py", "processing_anymal.py", "configuration_anymal.py"):
-        assert not re.search(r"^\s*(from|import)\s+pipeline\b", (directory / name).read_text(), re.MULTILINE)
     merged = json.loads((runs["stage2_merged_hf"] / "config.json").read_text())
     assert merged["adapter"] is None and not (runs["stage2_merged_hf"] / "adapter").exists()
     assert json.loads((runs["stage1_hf"] / "config.json").read_text())["task"] == "caption"
+
+
+def imports_of(source: str) -> list[tuple[int, str]]:
+    """(level, dotted name) of every import in `source`, at any depth: `from a.b import c` is (0, "a.b.c"),
+    `from .d import e` is (1, "d.e")."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found += [(node.level, f"{node.module or ''}.{alias.name}".lstrip(".")) for alias in node.names]
+    return found
+
+
+def test_export_code_imports_only_what_a_user_has(runs):
+    """The exported code files import each other, the standard library and the packages a user has, never
+    `pipeline`, and from transformers only names that every supported release has."""
+    from pipeline.hf_export import TEMPLATE_FILES
+
+    directory = runs["stage2_hf"]
+    code_files = sorted(directory.glob("*.py"))
+    assert sorted(path.name for path in code_files) == sorted(TEMPLATE_FILES)
+    packages = set()
+    for path in code_files:
+        for level, name in imports_of(path.read_text()):
+            top = name.split(".")[0]
+            if level:
+                assert (directory / f"{top}.py").is_file(), f"{path.name} imports .{name}, which is not in the export"
+                continue
+            assert top != "pipeline", f"{path.name} imports {name}: the export must work without this repository"
+            assert top in EXPORT_PACKAGES or top in sys.stdlib_module_names, f"{path.name} imports {name}"
+            if top == "transformers":
+                assert name in TRANSFORMERS_NAMES, (
+                    f"{path.name} imports {name}; check that the oldest transformers in requirements.txt has it, then "
+                    "add it to TRANSFORMERS_NAMES"
+                )
+            packages.add(top)
+    assert {"torch", "transformers", "peft"} <= packages
 
 
 def test_export_of_a_directory_that_is_no_run_fails_with_one_line(tmp_path, capsys):
