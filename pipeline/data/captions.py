@@ -87,7 +87,9 @@ class CaptionSampleDecoder:
 def load_image_processor(model: str):
     """The image processor saved with a vision tower (hub id or directory): CLIP's, SigLIP's or any other family's,
     as its preprocessor_config.json names it, so that resizing, cropping and normalisation are the tower's own."""
-    from transformers import AutoImageProcessor  # heavy import, paid only where images are decoded
+    # From its module, not the package root: transformers 5.17 without torchvision puts a placeholder that raises at
+    # the root name. The import is heavy, paid only where images are decoded.
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(model)
 
