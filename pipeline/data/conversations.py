@@ -42,8 +42,8 @@ from pipeline.data.skips import SkipSample, describe_error
 
 IMAGE_TAG = "<image>"
 # Marks the image's place in a message: the rendering is tokenized up to it and on from it, and the image goes
-# between. It is never tokenized, so no vocabulary needs it; the string is one that no text uses (a LLaMA-3 special
-# token's name, also typed text is kept apart by `IMAGE_SLOT`).
+# between. It is never tokenized, so no vocabulary needs it. Text rarely holds it (it is a LLaMA-3 reserved token's
+# name), and where a message does, `IMAGE_SLOT` tells the image's occurrence from the typed ones.
 IMAGE_PLACEHOLDER = "<|reserved_special_token_0|>"
 # Passed to every chat template (a template ignores what it does not read). Qwen3's hybrid models think before
 # answering unless told not to: generation prompts end with its empty think block ("<think>\n\n</think>\n\n"),
