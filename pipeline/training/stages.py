@@ -173,9 +173,8 @@ class _Stage:
         model = self.model
         n_vision, vision_tokens = 0, 0
         if model.vision is not None:
-            clip = model.vision.clip.config
             n_vision = parameter_count(model.vision)
-            vision_tokens = (clip.image_size // clip.patch_size) ** 2 + 1
+            vision_tokens = model.vision.tokens
         n_body, n_head = llm_flop_parameters(model.llm, parameter_count)
         n_adapters = sum(p.numel() for p in self.parts.adapters.parameters())
         return 2.0 * n_adapters * llm_tokens + step_flops(
