@@ -78,13 +78,23 @@ from pipeline.config import RunConfig
 from pipeline.model.anymal import AnyMAL, build_resampler
 from pipeline.model.attention import register_varlen
 from pipeline.model.layout import caption_sequence
-from pipeline.model.reference import CLIP_VIT_L14, llama3_8b_config
+from pipeline.model.reference import CLIP_VIT_L14, SIGLIP2_SO400M_384, llama3_8b_config, qwen3_8b_config
 from pipeline.training.metrics import llm_flop_parameters, peak_tflops, step_flops
 from pipeline.training.stages import parameter_count
 
 MEAN_CAPTION_TOKENS = 18.0
 CAPTION_SIGMA = 0.5
-PATCH_TOKENS = 257
+# The pairs `--backbones` picks: the tower's cached-feature shape [tokens, width], the LLM's published config and its
+# (bos, eos, pad) ids; Qwen has no BOS, so its rows start with the image.
+BACKBONES = {
+    "clip-llama3": ((257, CLIP_VIT_L14["hidden_size"]), llama3_8b_config, "LlamaForCausalLM", (128000, 128009, 128004)),
+    "siglip2-qwen3": (
+        ((384 // 14) ** 2, SIGLIP2_SO400M_384["hidden_size"]),
+        qwen3_8b_config,
+        "Qwen3ForCausalLM",
+        (None, 151645, 151643),
+    ),
+}
 DEVICE = torch.device("cuda")
 STAGE1_DEEPSPEED_CONFIG = "ds_configs/zero2_stage1.json"  # as configs/stage1_8b.yaml
 
@@ -97,7 +107,7 @@ def caption_lengths(count: int, seed: int) -> torch.Tensor:
     return lengths.clamp(4, 64).long()
 
 
-def make_batches(steps: int, micro: int, vocab: int, eos: int, seed: int = 0) -> list[dict]:
+def make_batches(steps: int, micro: int, vocab: int, eos: int, features: tuple[int, int], seed: int = 0) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for step in range(steps):
@@ -108,9 +118,9 @@ def make_batches(steps: int, micro: int, vocab: int, eos: int, seed: int = 0) ->
         batches.append(
             {
                 "keys": [f"{step}_{i}" for i in range(micro)],
-                "image_features": torch.randn(
-                    micro, PATCH_TOKENS, CLIP_VIT_L14["hidden_size"], generator=generator, dtype=torch.float32
-                ).to(torch.bfloat16),
+                "image_features": torch.randn(micro, *features, generator=generator, dtype=torch.float32).to(
+                    torch.bfloat16
+                ),
                 "caption_ids": ids,
                 "caption_lengths": lengths,
             }
@@ -118,31 +128,35 @@ def make_batches(steps: int, micro: int, vocab: int, eos: int, seed: int = 0) ->
     return batches
 
 
-def build_llm(attn: str, smoke: bool):
-    from transformers import LlamaForCausalLM
+def build_llm(attn: str, smoke: bool, backbones: str):
+    import transformers
 
+    _, make_config, class_name, _ = BACKBONES[backbones]
     shrink = (
         dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
         if smoke
         else {}
     )
-    config = llama3_8b_config(**shrink)
+    if smoke and backbones == "siglip2-qwen3":
+        shrink["head_dim"] = 64
+    config = make_config(**shrink)
     config._attn_implementation = attn
     torch.manual_seed(0)
     with DEVICE:
-        llm = LlamaForCausalLM(config).to(torch.bfloat16)
+        llm = getattr(transformers, class_name)(config).to(torch.bfloat16)
     llm.requires_grad_(False)
     llm.eval()
     return llm
 
 
-def useful_flops(n_body: int, n_head: int, n_res: int, batches: list[dict], latents: int) -> float:
+def useful_flops(n_body: int, n_head: int, n_res: int, batches: list[dict], latents: int, first: int) -> float:
+    """`first`: the tokens before the image (1 with a BOS, 0 without)."""
     total = 0.0
     for batch in batches:
         samples = batch["caption_lengths"].numel()
         supervised = int(batch["caption_lengths"].sum())
         total += step_flops(
-            n_body, n_head, n_res, 0, supervised + samples * (1 + latents), supervised, samples, latents, 0
+            n_body, n_head, n_res, 0, supervised + samples * (first + latents), supervised, samples, latents, 0
         )
     return total
 
@@ -170,15 +184,16 @@ def baseline_step(llm, resampler, bos, pad):
         present = torch.arange(64, device=DEVICE)[None] < lengths[:, None]
         padded_ids[present] = batch["caption_ids"]
         seq = caption_sequence(padded_ids[present], lengths, prefix.shape[1], bos, pad)
-        width = 1 + prefix.shape[1] + 64
+        width = (bos is not None) + prefix.shape[1] + 64
         input_ids = torch.full((lengths.numel(), width), pad, dtype=torch.long, device=DEVICE)
         input_ids[:, : seq.input_ids.shape[1]] = seq.input_ids
         labels = torch.full_like(input_ids, -100)
         labels[:, : seq.labels.shape[1]] = seq.labels
         mask = torch.zeros_like(input_ids)
         mask[:, : seq.attention_mask.shape[1]] = seq.attention_mask
-        embeds = embed(input_ids)
-        embeds = torch.cat([embeds[:, :1], prefix.to(embeds.dtype), embeds[:, 1 + prefix.shape[1] :]], dim=1)
+        embeds = embed(input_ids).index_put(
+            (seq.prefix_rows, seq.prefix_positions), prefix.reshape(-1, prefix.shape[-1]).to(torch.bfloat16)
+        )
         return llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
 
     return step
@@ -232,6 +247,7 @@ def main():
     parser.add_argument("--trace", default="", help="directory for host+device traces (2 extra steps per run)")
     parser.add_argument("--out", default="")
     parser.add_argument("--smoke", action="store_true", help="a tiny LLaMA on the CPU: checks the script, no numbers")
+    parser.add_argument("--backbones", choices=sorted(BACKBONES), default="clip-llama3", help="tower + LLM pair")
     args = parser.parse_args()
     runs = parse_runs(args.runs)
     os.environ.setdefault("RANK", "0")
@@ -243,27 +259,33 @@ def main():
         DEVICE, args.steps, args.warmup = torch.device("cpu"), 2, 1
         runs = [(variant.replace("+compile", ""), 4, acc) for variant, _, acc in runs]
 
-    llm = build_llm(args.attn, args.smoke)
-    bos, eos, pad = 128000, 128009, 128004
+    llm = build_llm(args.attn, args.smoke, args.backbones)
+    features, _, _, (bos, eos, pad) = BACKBONES[args.backbones]
     latents = RunConfig().model.resampler.num_latents
     n_body, n_head = llm_flop_parameters(llm, parameter_count)
     peak = peak_tflops() or 989.0
     device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (smoke test)"
-    results = {"device": device_name, "timed_steps": args.steps, "torch": torch.__version__, "variants": {}}
+    results = {
+        "device": device_name,
+        "backbones": args.backbones,
+        "timed_steps": args.steps,
+        "torch": torch.__version__,
+        "variants": {},
+    }
     if DEVICE.type == "cuda":
         results["varlen_kernel_check"] = check_varlen_kernel(DEVICE)
         print("varlen kernel check", json.dumps(results["varlen_kernel_check"]), flush=True)
     for variant, micro, acc in runs:
         name = f"{variant}@{micro}" + (f"x{acc}" if acc > 1 else "")
         steps = args.steps + args.warmup + extra_batches(args.profile, bool(args.trace))
-        batches = make_batches(steps * acc, micro, llm.config.vocab_size, eos)
+        batches = make_batches(steps * acc, micro, llm.config.vocab_size, eos, features)
         if DEVICE.type == "cuda":
             batches = [pinned(batch) for batch in batches]
         timed = batches[args.warmup * acc : (args.warmup + args.steps) * acc]
         step_inputs = [batches[i * acc : (i + 1) * acc] for i in range(steps)]
         results["mean_caption_tokens"] = float(torch.cat([b["caption_lengths"] for b in timed]).float().mean())
         torch.manual_seed(0)
-        resampler = build_resampler(RunConfig().model, CLIP_VIT_L14["hidden_size"], llm.config.hidden_size).to(DEVICE)
+        resampler = build_resampler(RunConfig().model, features[1], llm.config.hidden_size).to(DEVICE)
         n_res = parameter_count(resampler)
         free_memory(DEVICE)
         llm.config._attn_implementation = attention_of(variant, args.attn)
@@ -290,12 +312,13 @@ def main():
         finally:
             getattr(step, "close", lambda: None)()
         seconds, samples = run["seconds"], args.steps * micro * acc
-        tokens = sum(int(b["caption_lengths"].sum()) + b["caption_lengths"].numel() * (1 + latents) for b in timed)
+        first = 1 if bos is not None else 0
+        tokens = sum(int(b["caption_lengths"].sum()) + b["caption_lengths"].numel() * (first + latents) for b in timed)
         row = {
             "samples_per_s": samples / seconds,
             "tokens_per_s": tokens / seconds,
             "step_s": seconds / args.steps,
-            "mfu": useful_flops(n_body, n_head, n_res, timed, latents) / seconds / (peak * 1e12),
+            "mfu": useful_flops(n_body, n_head, n_res, timed, latents, first) / seconds / (peak * 1e12),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None,
             "first_step_loss": run["losses"][0],
             "attention": llm.config._attn_implementation,
