@@ -6,6 +6,7 @@ report); it imports nothing of the model, data or training code, so any layer ma
 
 from __future__ import annotations
 
+import gc
 import html
 import logging
 import os
@@ -43,6 +44,11 @@ def write_report(run_dir: Path, out: Path | None = None, max_rounds: int = DEFAU
     partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     partial.write_text(page, encoding="utf-8")
     os.replace(partial, out)
+    # Drawing leaves reference cycles behind: matplotlib's mathtext parser (log-axis tick labels) keeps exceptions
+    # whose tracebacks reach up the stack into the caller's frames. Until a full collection those frames keep the
+    # caller's locals alive; in training that is the trainer and its data-loader workers, which the interpreter
+    # then waits for at exit instead of shutting them down when training returns.
+    gc.collect()
     return out
 
 

@@ -126,7 +126,8 @@ class MetricsLogger:
             log.info("step %d %s", step, shown)
             return
         eta = self.progress.show(metrics)
-        # On a live console the line above is the step's display; the record still reaches the rank's log file.
+        # On a live console the progress line shows this step, so the record stays off the console; it still reaches
+        # the rank's log file.
         log.info("step %d/%d %s eta=%s", step, self.progress.max_steps, shown, eta, extra={PROGRESS_RECORD: True})
 
     def close(self) -> None:
@@ -151,7 +152,10 @@ def refresh_report(run_dir: Path) -> None:
         write_report(run_dir)
     except Exception as error:
         log.warning(
-            "could not write the run report in %s (%s: %s); training goes on", run_dir, type(error).__name__, error
+            "could not write the run report in %s (%s: %s); the run is not affected",
+            run_dir,
+            type(error).__name__,
+            error,
         )
 
 
