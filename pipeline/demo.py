@@ -76,7 +76,7 @@ def run_logged(command: list[str], log_path: Path, label: str, env: dict | None 
     # Unbuffered, so the children's lines reach the console when they are written, not when a buffer fills.
     env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
     with (
-        open(log_path, "w", encoding="utf-8") as log_file,
+        open(log_path, "w", encoding="utf-8", buffering=1) as log_file,  # line by line: `tail -f` it while it runs
         subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
         ) as process,
