@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunConfig, load_config, save_config
 from pipeline.data.shards import DataError
 from pipeline.training.distributed import read_dist_env
-from pipeline.training.failure import exit_after_failure
+from pipeline.training.failure import exit_after_failure, stop_workers
 from pipeline.training.preflight import RankError, preflight
 
 log = logging.getLogger("pipeline.train")
@@ -147,6 +147,10 @@ def main(argv=None, stage: int = 1) -> int:
         run(config)
     except (Exception, KeyboardInterrupt) as error:
         exit_after_failure(error, dist_env.rank, dist_env.world_size)
+    # The run is saved; its loader workers have nothing left to do. Ending them here means the interpreter's exit,
+    # which stops children with SIGTERM (ignored by the workers) and then joins them, never waits on one that a
+    # lingering reference kept alive.
+    stop_workers()
     return 0
 
 
