@@ -172,8 +172,7 @@ def train_stage2(run_dir: Path, models: dict, shard_root: Path, stage1_dir: Path
 
 def evaluate_stage2(run_dir: Path, vqa: dict) -> dict:
     """The evaluation harness on the toy VQA files: official VQA accuracy of greedy short answers."""
-    from transformers import CLIPImageProcessor
-
+    from pipeline.data.captions import load_image_processor
     from pipeline.evaluation.benchmarks import evaluate_vqa, read_vqa_benchmark
     from pipeline.inference.answering import InstructAnswerer
     from pipeline.inference.loading import load_instruct
@@ -182,7 +181,7 @@ def evaluate_stage2(run_dir: Path, vqa: dict) -> dict:
     answerer = InstructAnswerer(
         model,
         tokenizer,
-        CLIPImageProcessor.from_pretrained(manifest["vision_model"]),
+        load_image_processor(manifest["vision_model"]),
         max_new_tokens=8,
         system_prompt=manifest["system_prompt"],
     )

@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipeline.data.captions import CaptionDecoder, collate_captions
+from pipeline.data.captions import IMAGE_MEMBERS, CaptionDecoder, collate_captions
 from pipeline.data.shards import expand_shards, iter_shard_records
 from pipeline.data.skips import SkipSample
 from pipeline.training.metrics import refresh_report
 
 log = logging.getLogger(__name__)
-IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 
 
 def read_sample_records(shards: list[str], count: int, text_member: str = "txt") -> list[tuple[str, dict]]:
@@ -113,14 +112,13 @@ class SampleLogger:
             device = next(self.model.resampler.parameters()).device
             generated_ids = self.model.generate_captions({"pixel_values": self.batch["pixel_values"].to(device)})
             return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated_ids]
-        from transformers import CLIPImageProcessor
-
+        from pipeline.data.captions import load_image_processor
         from pipeline.inference.answering import InstructAnswerer
 
         answerer = InstructAnswerer(
             self.model,
             self.tokenizer,
-            CLIPImageProcessor.from_pretrained(self.config.model.vision.model),
+            load_image_processor(self.config.model.vision.model),
             system_prompt=self.config.model.system_prompt,
         )
         images = []
