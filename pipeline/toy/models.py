@@ -270,40 +270,9 @@ def build_tiny_llama(
         input_ids, attention_mask, labels = _encode_for_pretraining(
             tokenizer, _pretraining_texts(tokenizer, world_records, rng)
         )
-        optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.01)
-        batch_generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(input_ids), generator=batch_generator)
-        cursor = 0
-        recent_losses: list[float] = []
-        step = 0
-        model.train()
-        start = time.perf_counter()
-        while True:
-            elapsed = time.perf_counter() - start
-            progress = max(elapsed / seconds if seconds else 0.0, step / max_steps if max_steps else 0.0)
-            if progress >= 1.0:
-                break
-            if cursor + batch_size > len(order):
-                order = torch.randperm(len(input_ids), generator=batch_generator)
-                cursor = 0
-            batch = order[cursor : cursor + batch_size]
-            cursor += batch_size
-            # Trim the padding columns that no sequence in this batch uses.
-            width = int(attention_mask[batch].sum(dim=1).max())
-            for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(step, progress, peak_lr, warmup_steps=20)
-            loss = model(
-                input_ids=input_ids[batch, :width],
-                attention_mask=attention_mask[batch, :width],
-                labels=labels[batch, :width],
-            ).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            recent_losses = (recent_losses + [loss.item()])[-20:]
-            step += 1
-        train_seconds = time.perf_counter() - start
+        step, train_seconds, recent_losses = _pretrain(
+            model, (input_ids, attention_mask, labels), seconds, max_steps, batch_size, peak_lr, seed
+        )
         evaluation_attrs = [world.sample_attributes(rng) for _ in range(64)]
         stats = {
             "steps": step,
@@ -322,6 +291,45 @@ def build_tiny_llama(
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return stats
+
+
+def _pretrain(model, encoded, seconds, max_steps, batch_size: int, peak_lr: float, seed: int):
+    """The tiny LM's training loop until the step or time limit; returns (steps, seconds, the last 20 losses)."""
+    input_ids, attention_mask, labels = encoded
+    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    batch_generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(input_ids), generator=batch_generator)
+    cursor = 0
+    recent_losses: list[float] = []
+    step = 0
+    model.train()
+    start = time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - start
+        progress = max(elapsed / seconds if seconds else 0.0, step / max_steps if max_steps else 0.0)
+        if progress >= 1.0:
+            break
+        if cursor + batch_size > len(order):
+            order = torch.randperm(len(input_ids), generator=batch_generator)
+            cursor = 0
+        batch = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        # Trim the padding columns that no sequence in this batch uses.
+        width = int(attention_mask[batch].sum(dim=1).max())
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, progress, peak_lr, warmup_steps=20)
+        loss = model(
+            input_ids=input_ids[batch, :width],
+            attention_mask=attention_mask[batch, :width],
+            labels=labels[batch, :width],
+        ).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        recent_losses = (recent_losses + [loss.item()])[-20:]
+        step += 1
+    return step, time.perf_counter() - start, recent_losses
 
 
 def build_toy_models(
