@@ -7,9 +7,11 @@
 RUN is a stage-1 run (or its export/), a stage-2 run (or its export/, or a `pipeline.merge` directory). DIR then
 holds config.json with `auto_map`, the model's code (`pipeline/hf_export/`), the weights of the vision tower (cut
 after the layer the resampler reads), the resampler and the LLM, the adapter in peft format unless merged,
-generation_config.json (greedy, every terminator of the model), the tokenizer with its chat template, the image
-processor, processor_config.json and a model card. Elsewhere, with only torch, transformers, safetensors and pillow
-(and peft for an unmerged adapter):
+generation_config.json (greedy, every terminator of the model), the tokenizer with its chat template, the tower's own
+image processor (CLIP's, SigLIP's), processor_config.json (the prompt format: BOS or none, the chat template's
+options, the system prompt) and a model card. The configs name the base models by the hub ids the run was trained
+from; a base model loaded from a local directory is named by no path. Elsewhere, with only torch, transformers,
+safetensors and pillow (and peft for an unmerged adapter):
 
     model = AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(DIR, trust_remote_code=True)
@@ -46,11 +48,14 @@ class ExportSpec:
     """What the exported directory says about the model besides its weights."""
 
     task: str  # "chat" (stage 2) or "caption" (stage 1)
-    image_token: str
+    image_token: str  # the string that marks the image's place in a rendered prompt; never tokenized
     stop_ids: list[int]
-    bos_id: int | None
+    bos_id: int | None  # None: the LLM has no BOS (Qwen), and captions start with the image
     pad_id: int
+    vision_model: str  # the base models as the run's config names them: hub ids or local directories
+    llm_model: str
     system_prompt: str = ""
+    chat_template_options: dict = field(default_factory=dict)  # passed to the chat template, as in training
     card: dict = field(default_factory=dict)  # facts for the model card: source, stage, step, base models
 
 
@@ -60,9 +65,8 @@ def load_source(source: str | Path):
     Every import of the pipeline's inference code is here, so the rest of this module deals only with modules and
     files. The stage-2 base LLM is loaded unquantized: the export holds plain weights (a QLoRA adapter was trained
     over NF4 weights; merged or not, the export computes with the unquantized base)."""
-    from transformers import CLIPImageProcessor
-
-    from pipeline.data.conversations import IMAGE_PLACEHOLDER
+    from pipeline.data.captions import load_image_processor
+    from pipeline.data.conversations import CHAT_TEMPLATE_OPTIONS, IMAGE_PLACEHOLDER
     from pipeline.inference.export import MANIFEST
     from pipeline.inference.loading import load_instruct, load_run
 
@@ -104,10 +108,13 @@ def load_source(source: str | Path):
         stop_ids=list(model.stop_ids),
         bos_id=model.bos_id,
         pad_id=model.pad_id,
+        vision_model=card["vision_model"],
+        llm_model=card["llm_model"],
         system_prompt=system_prompt,
+        chat_template_options=dict(CHAT_TEMPLATE_OPTIONS),
         card=card,
     )
-    return model, tokenizer, CLIPImageProcessor.from_pretrained(vision_model), spec
+    return model, tokenizer, load_image_processor(vision_model), spec
 
 
 def export(source: str | Path, out_dir: str | Path, merge: bool = False) -> Path:
@@ -148,9 +155,10 @@ def write_hf_directory(
     adapter=None,
     max_shard_size: str = "5GB",
 ) -> Path:
-    """Write the directory from the parts: a CLIP-like vision model of which the first `vision_layers` layers are
-    read, a resampler with the pipeline's parameter names and a `config` dict of its shape, a causal LM (the base
-    model when `adapter`, a peft model over it, is given), the tokenizer and image processor."""
+    """Write the directory from the parts: a CLIP or SigLIP vision model of which the first `vision_layers` layers
+    are read, a resampler with the pipeline's parameter names and a `config` dict of its shape, a causal LM (the base
+    model when `adapter`, a peft model over it, is given), the tokenizer and image processor. The parts' configs are
+    renamed after the models the run was trained from (`published_name`) before anything is written."""
     from transformers import GenerationConfig
 
     from pipeline.hf_export import TEMPLATE_DIR, TEMPLATE_FILES
@@ -160,8 +168,18 @@ def write_hf_directory(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = llm.dtype
+    # Loaded from local directories, the parts name those; the export names what they are (or nothing). The LLM's
+    # own name also reaches the adapter's config and card, which peft writes from it.
+    llm_name, vision_name = published_name(spec.llm_model), published_name(spec.vision_model)
+    llm.config.name_or_path, llm.name_or_path = llm_name or "", llm_name or ""
+    vision.config.name_or_path = vision_name or ""
     vision_config = vision.config.to_dict()
     vision_config["num_hidden_layers"] = vision_layers  # the layers after the feature layer are never read
+    body = getattr(vision, "vision_model", vision)  # transformers 5 flattened some vision models, not all
+    if hasattr(body, "use_head"):
+        # SigLIP's pooling head reads the last layer, which the pipeline's tower drops along with the head; the
+        # config says so in the key every release reads (older ones lack it in their defaults).
+        vision_config["vision_use_head"] = bool(body.use_head)
     shape = resampler.config
     config = AnyMALConfig(
         vision_config=vision_config,
@@ -172,7 +190,7 @@ def write_hf_directory(
         resampler_head_dim=shape["head_dim"],
         resampler_width=shape["width"],
         resampler_ff_mult=shape["ff_mult"],
-        image_token_id=tokenizer.convert_tokens_to_ids(spec.image_token),
+        image_token_id=image_token_id(llm),
         task=spec.task,
         adapter=ADAPTER_DIR if adapter is not None else None,
     )
@@ -200,6 +218,8 @@ def write_hf_directory(
     )
     hf_model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     if adapter is not None:
+        for adapter_config in adapter.peft_config.values():
+            adapter_config.base_model_name_or_path = llm_name
         adapter.save_pretrained(out_dir / ADAPTER_DIR)
     tokenizer.save_pretrained(out_dir)
     image_processor.save_pretrained(out_dir)
@@ -209,6 +229,10 @@ def write_hf_directory(
         "task": spec.task,
         "num_image_tokens": resampler.num_latents,
         "image_token": spec.image_token,
+        "image_token_id": config.image_token_id,
+        "bos_token_id": spec.bos_id,
+        "stop_token_ids": list(spec.stop_ids),
+        "chat_template_options": spec.chat_template_options,
         "system_prompt": spec.system_prompt,
     }
     (out_dir / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
@@ -216,6 +240,22 @@ def write_hf_directory(
         shutil.copy2(TEMPLATE_DIR / name, out_dir / name)
     (out_dir / "README.md").write_text(model_card(spec, config, adapter is not None))
     return out_dir
+
+
+def image_token_id(llm) -> int:
+    """The id that stands for an image token in the export's `input_ids`: the first past the LLM's embedding rows,
+    which no tokenizer of the model gives, so that no family needs an image token in its vocabulary."""
+    return llm.get_input_embeddings().num_embeddings
+
+
+def published_name(model: str | None) -> str | None:
+    """`model` when it names a model anywhere (a hub id such as Qwen/Qwen3-8B), None when it is a local directory
+    (it exists here, starts like a path or has more than one "/"), which means nothing on another machine."""
+    if not model or Path(model).expanduser().exists():
+        return None
+    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
+        return None
+    return model
 
 
 def _dropped_layer(key: str, kept_layers: int) -> bool:
@@ -243,7 +283,11 @@ def model_card(spec: ExportSpec, config, unmerged_adapter: bool) -> str:
         if unmerged_adapter
         else ("The LoRA adapter is merged into the LLM weights." if spec.task == "chat" else "There is no adapter.")
     )
-    example_text = '"What is in this image?"' if spec.task == "chat" else "None  # captions start from the image"
+    example_inputs = (
+        'processor(images=Image.open("photo.jpg"), text="What is in this image?")'
+        if spec.task == "chat"
+        else 'processor(images=Image.open("photo.jpg"))  # captions start from the image'
+    )
     if spec.task == "chat":
         usage_note = (
             "A conversation is a list of messages: `text=[{'role': 'user', 'content': [{'type': 'image'}, "
@@ -251,15 +295,26 @@ def model_card(spec: ExportSpec, config, unmerged_adapter: bool) -> str:
             "it is marked, else at the start of the first user turn, as in training."
         )
         system = f"the system prompt `{spec.system_prompt}`" if spec.system_prompt else "no system prompt"
+        options = ", ".join(f"`{key}={value}`" for key, value in spec.chat_template_options.items())
         format_note = (
-            f"The tokenizer's chat template with {system}; the image is {config.num_image_tokens} image tokens at the "
-            "start of the first user turn, followed by a newline, unless the conversation marks it with `<image>`. "
-            "Message contents are tokenized as text: special-token strings in them are not control tokens."
+            f"The tokenizer's chat template ({options or 'no options'}) with {system}; the image is "
+            f"{config.num_image_tokens} image tokens at the start of the first user turn, followed by a newline, "
+            "unless the conversation marks it with `<image>`. Message contents are tokenized as text: special-token "
+            "strings in them are not control tokens."
         )
     else:
         usage_note = "Given `text`, the caption continues it."
-        format_note = f"BOS, then {config.num_image_tokens} image tokens, then the caption."
-    trained = "\n".join(f"- {key}: `{value}`" for key, value in facts.items() if key != "source")
+        start = "BOS, then " if spec.bos_id is not None else "No BOS (the LLM has none): "
+        format_note = f"{start}{config.num_image_tokens} image tokens, then the caption."
+    lines = []
+    for key, value in facts.items():
+        if key == "source":
+            continue
+        if key in ("vision_model", "llm_model") and published_name(value) is None:
+            lines.append(f"- {key}: a local checkpoint (`{Path(value).name}`)")  # its path means nothing elsewhere
+        else:
+            lines.append(f"- {key}: `{value}`")
+    trained = "\n".join(lines)
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -289,7 +344,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 model = AutoModelForImageTextToText.from_pretrained("THIS_DIR", trust_remote_code=True)  # dtype=torch.bfloat16 too
 processor = AutoProcessor.from_pretrained("THIS_DIR", trust_remote_code=True)
-inputs = processor(images=Image.open("photo.jpg"), text={example_text})
+inputs = {example_inputs}
 sequences = model.generate(**inputs)  # greedy, stops at every terminator: generation_config.json
 print(processor.decode_answers(sequences, inputs["input_ids"].shape[1])[0])
 ```

@@ -1,12 +1,17 @@
-"""Finished runs on the tiny models, written in seconds for the export and serving tests: a stage-1 run (config.yaml
-and export/ with a resampler) and a stage-2 export (resampler, LoRA adapter, manifest), with random but non-trivial
-weights, plus toy images and what the pipeline itself generates for them."""
+"""Finished runs on tiny models, written in seconds for the export and serving tests: a stage-1 run (config.yaml and
+export/ with a resampler) and a stage-2 export (resampler, LoRA adapter, manifest), with random but non-trivial
+weights, over any tower and LLM directory (the tiny CLIP + Llama of conftest, or tests/families.py's SigLIP +
+Qwen3); plus toy images and what the pipeline itself generates for them: its captioner, and `python -m pipeline.chat`
+run in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -14,11 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["what colour is the shape ?", "<image>\nhow many shapes are there ?", "is it a star ?"]
 
 
-def overrides(models: Path, run_dir: Path) -> list[str]:
+def siglip_qwen3_models(out_dir: Path) -> tuple[Path, Path]:
+    """(tower, LLM) directories of a tiny SigLIP and a tiny Qwen3 with the real Qwen3 tokenizer."""
+    from families import build_tiny_llm, build_tiny_siglip
+
+    return build_tiny_siglip(out_dir / "siglip"), build_tiny_llm("qwen3", out_dir / "qwen3")
+
+
+def overrides(vision: Path, llm: Path, run_dir: Path) -> list[str]:
     return [
         f"run_dir={run_dir}",
-        f"model.vision.model={models}/clip",
-        f"model.llm.model={models}/llm",
+        f"model.vision.model={vision}",
+        f"model.llm.model={llm}",
         "model.stage1_resampler=",
         "model.resampler.num_latents=4",
         "model.lora.r=4",
@@ -26,7 +38,7 @@ def overrides(models: Path, run_dir: Path) -> list[str]:
     ]
 
 
-def write_stage1_run(models: Path, run_dir: Path, seed: int = 1) -> Path:
+def write_stage1_run(vision: Path, llm: Path, run_dir: Path, seed: int = 1) -> Path:
     """A stage-1 run directory as training leaves it for inference: config.yaml and export/resampler.*."""
     from transformers import AutoTokenizer
 
@@ -34,7 +46,7 @@ def write_stage1_run(models: Path, run_dir: Path, seed: int = 1) -> Path:
     from pipeline.inference.export import export_resampler
     from pipeline.model.anymal import build_anymal
 
-    config = load_config(ROOT / "configs/toy.yaml", overrides(models, run_dir))
+    config = load_config(ROOT / "configs/toy.yaml", overrides(vision, llm, run_dir))
     tokenizer = AutoTokenizer.from_pretrained(config.model.llm.model)
     torch.manual_seed(seed)
     model = build_anymal(config.model, tokenizer)
@@ -47,7 +59,7 @@ def write_stage1_run(models: Path, run_dir: Path, seed: int = 1) -> Path:
     return run_dir
 
 
-def write_stage2_run(models: Path, run_dir: Path, seed: int = 3, system_prompt: str = "") -> Path:
+def write_stage2_run(vision: Path, llm: Path, run_dir: Path, seed: int = 3, system_prompt: str = "") -> Path:
     """A stage-2 run directory whose export/ holds a resampler, a LoRA adapter with non-zero B and a manifest."""
     from transformers import AutoTokenizer
 
@@ -57,7 +69,7 @@ def write_stage2_run(models: Path, run_dir: Path, seed: int = 3, system_prompt: 
     from pipeline.model.lora import add_lora
 
     extra = [f"model.system_prompt={system_prompt}"] if system_prompt else []
-    config = load_config(ROOT / "configs/toy_stage2.yaml", overrides(models, run_dir) + extra)
+    config = load_config(ROOT / "configs/toy_stage2.yaml", overrides(vision, llm, run_dir) + extra)
     tokenizer = AutoTokenizer.from_pretrained(config.model.llm.model)
     torch.manual_seed(seed)
     model = build_anymal(config.model, tokenizer)
@@ -82,39 +94,32 @@ def toy_images(out_dir: Path, count: int, seed: int = 5) -> list[Path]:
     return paths
 
 
-def pipeline_answers(run: Path, images: list[Path], conversations: list[list[dict]], max_new_tokens: int) -> list:
-    """What `pipeline.chat` answers: its loader, image processor and answerer, one conversation at a time."""
-    from transformers import CLIPImageProcessor
+def chat_answers(model: Path, image: Path, questions: list[str], max_new_tokens: int) -> list[str]:
+    """The answers `python -m pipeline.chat` prints, one per question, stripped as the pipeline strips the answers
+    it keeps (the stream shows a leading space where the first token has one): one question is asked with
+    --question, several are typed at its prompt as one conversation."""
+    from pipeline import chat
 
-    from pipeline.inference.answering import InstructAnswerer
-    from pipeline.inference.loading import load_instruct
-
-    model, tokenizer, manifest = load_instruct(run, "cpu")
-    answerer = InstructAnswerer(
-        model,
-        tokenizer,
-        CLIPImageProcessor.from_pretrained(manifest["vision_model"]),
-        max_new_tokens,
-        manifest["system_prompt"],
-    )
-    answers = []
-    for path, turns in zip(images, conversations, strict=True):
-        with Image.open(path) as image:
-            answers.append(answerer.answer([image.convert("RGB")], [turns])[0])
-    return answers
+    args = [str(model), "--image", str(image), "--max-new-tokens", str(max_new_tokens), "--device", "cpu"]
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        if len(questions) == 1:
+            args += ["--question", questions[0]]
+        else:
+            typed = iter([*questions, ""])
+            patch.setattr("builtins.input", lambda prompt="": next(typed))
+        assert chat.main(args) == 0
+    return [line.strip() for line in printed.getvalue().strip().splitlines()]
 
 
 def pipeline_captions(run: Path, images: list[Path], max_new_tokens: int) -> list[str]:
     """What the pipeline's captioner (evaluation and training samples) generates for a stage-1 run."""
-    from transformers import CLIPImageProcessor
-
+    from pipeline.data.captions import load_image_processor
     from pipeline.inference.answering import Stage1Captioner
     from pipeline.inference.loading import load_run
 
     model, tokenizer, config = load_run(run, "cpu")
-    captioner = Stage1Captioner(
-        model, tokenizer, CLIPImageProcessor.from_pretrained(config.model.vision.model), max_new_tokens
-    )
+    captioner = Stage1Captioner(model, tokenizer, load_image_processor(config.model.vision.model), max_new_tokens)
     pictures = []
     for path in images:
         with Image.open(path) as image:

@@ -1,7 +1,8 @@
 """`python -m pipeline.serve` on a tiny stage-2 run, on loopback, driven by the official `openai` client: streamed and
 whole answers equal `pipeline.chat`'s; 16 concurrent clients are batched together and get the answers they get one
 at a time; every kind of bad request gets its 4xx and OpenAI's error body while a good request in flight still
-succeeds; the chat page, in headless Chromium, takes an uploaded image, streams the answer and continues the chat."""
+succeeds; the chat page, in headless Chromium, takes an uploaded image, streams the answer and continues the chat.
+An export of another family (SigLIP + Qwen3) answers like `pipeline.chat` through the server's app in process."""
 
 import base64
 import io
@@ -18,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from hf_runs import QUESTIONS, toy_images, write_stage2_run
+from hf_runs import QUESTIONS, chat_answers, siglip_qwen3_models, toy_images, write_stage2_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 6
@@ -41,7 +42,7 @@ def get_json(url: str) -> dict:
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    run = write_stage2_run(tiny_models, root / "stage2")
+    run = write_stage2_run(tiny_models / "clip", tiny_models / "llm", root / "stage2")
     images = toy_images(root / "images", CLIENTS)
     port = free_port()
     log = (root / "server.log").open("w")
@@ -328,3 +329,42 @@ def test_chat_page_streams_an_answer_in_headless_chromium(server, tmp_path, caps
 
 def driver_errors(answers: list[str]) -> list[str]:
     return [answer for answer in answers if not answer]
+
+
+def sse_text(body: str) -> str:
+    """The content of a streamed completion's chunks."""
+    chunks = [json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: {")]
+    return "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
+
+
+def test_a_siglip_qwen3_export_answers_like_pipeline_chat(tmp_path):
+    """The server's own loader, engine and app (no socket) on the export of a SigLIP + Qwen3 run, whose prompts have
+    no BOS and Qwen3's non-thinking chat format: a whole answer and a streamed second turn equal `pipeline.chat`'s."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.export_hf import export
+    from pipeline.serve.api import ServerLimits, create_app
+    from pipeline.serve.engine import Engine, load
+
+    vision, llm = siglip_qwen3_models(tmp_path / "models")
+    run = write_stage2_run(vision, llm, tmp_path / "stage2")
+    image = toy_images(tmp_path / "images", 1)[0]
+    follow_up = "what shape is it ?"
+    expected = chat_answers(run, image, [QUESTIONS[0], follow_up], MAX_TOKENS)
+    model, processor = load(str(export(run, tmp_path / "hf")), "cpu", "float32")
+    engine = Engine(model, processor, max_batch_size=4, batch_window_s=0.01)
+    engine.start()
+    try:
+        with TestClient(create_app(engine, "qwen-chat", ServerLimits(max_new_tokens=SERVER_MAX_NEW_TOKENS))) as http:
+            options = {"model": "qwen-chat", "temperature": 0, "max_tokens": MAX_TOKENS}
+            messages = [user_turn(data_url(image), QUESTIONS[0])]
+            first = http.post("/v1/chat/completions", json=options | {"messages": messages})
+            assert first.status_code == 200, first.text
+            answer = first.json()["choices"][0]["message"]["content"]
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": follow_up}]
+            second = http.post("/v1/chat/completions", json=options | {"messages": messages, "stream": True})
+            assert second.status_code == 200, second.text
+    finally:
+        engine.stop()
+    assert [answer, sse_text(second.text)] == expected
+    assert all(expected)

@@ -1,9 +1,11 @@
 """Configuration of an AnyMAL image-text model: a vision tower, a Perceiver Resampler and a causal LLM.
 
 The vision tower is stored cut after the layer the resampler reads, so its last hidden state is the feature.
-`task` says what the model was trained for: "caption" (stage 1: BOS, image tokens, then the caption) or "chat"
-(stage 2: the LLM's chat template with the image tokens in the first user turn). `adapter` names the subfolder of a
-LoRA adapter in peft format that loading puts on the LLM, or is None when the weights already hold it (merged).
+`task` says what the model was trained for: "caption" (stage 1: BOS where the LLM has one, image tokens, then the
+caption) or "chat" (stage 2: the LLM's chat template with the image tokens in the first user turn, or where the
+conversation marks the image). `image_token_id` is the id that stands for an image token in `input_ids`: past the
+LLM's vocabulary, so no text gives it. `adapter` names the subfolder of a LoRA adapter in peft format that loading
+puts on the LLM, or is None when the weights already hold it (merged).
 
 The class is written the classic way, an explicit `__init__` that builds the sub-configs itself, because every
 transformers release the export supports takes that form; the declarative sub-config specs of recent releases do

@@ -1,10 +1,11 @@
 """AnyMAL for images as a transformers model: vision tower -> Perceiver Resampler -> image tokens in a causal LLM.
 
 The processor (`processing_anymal.py`) writes `num_image_tokens` copies of `config.image_token_id` where the image
-goes; this model replaces their embeddings with the resampler's output, in order, one image per row. Generation
-hands those embeddings and the token ids to the LLM's own `generate`, which is how the model was run in training
-and evaluation, so greedy answers match it token for token. The returned sequences start with the prompt's ids, as
-for any decoder-only model: decode `sequences[:, input_ids.shape[1]:]` for the answer.
+goes; that id is past the LLM's vocabulary (no text gives it, and no tokenizer needs an image token), and this model
+replaces those positions' embeddings with the resampler's output, in order, one image per row. Generation hands the
+embeddings alone to the LLM's own `generate`, which is how the model was run in training and evaluation, so greedy
+answers match it token for token. The returned sequences start with the prompt's ids, as for any decoder-only model:
+decode `sequences[:, input_ids.shape[1]:]` for the answer (`processor.decode_answers`).
 """
 
 from __future__ import annotations
@@ -174,8 +175,9 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings of `input_ids` with each row's image tokens replaced by its image's resampler tokens."""
-        embeddings = self.get_input_embeddings()(input_ids)
         image_slots = input_ids == self.config.image_token_id
+        # The image id has no row of the embedding table; its positions are overwritten below.
+        embeddings = self.get_input_embeddings()(input_ids.masked_fill(image_slots, 0))
         if pixel_values is None:
             if image_slots.any():
                 raise ValueError("input_ids hold image tokens but no pixel_values were given")
@@ -211,7 +213,8 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         """Generate after the prompt (with its image); the stop tokens, padding and defaults come from
-        generation_config.json unless given here. Returns the prompt's ids followed by the new tokens."""
+        generation_config.json unless given here. Returns the prompt's ids followed by the new tokens (with
+        `return_dict_in_generate`, the output's `sequences` are)."""
         if input_ids is None:
             raise ValueError("generate needs input_ids; build them with the model's processor")
         if attention_mask is None:
@@ -219,13 +222,20 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
         # generation_config.json's settings, updated by the ones given here; the rest are the LLM's model kwargs.
         generation_config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
         model_kwargs = generation_config.update(**kwargs)
-        return self.language_model.generate(
-            input_ids=input_ids,
+        # Embeddings alone, as the pipeline generates: the LLM never sees the image id, which has no embedding row,
+        # and it returns the new tokens only.
+        output = self.language_model.generate(
             inputs_embeds=self.embed(input_ids, pixel_values),
             attention_mask=attention_mask,
             generation_config=generation_config,
             **model_kwargs,
         )
+        new_tokens = output.sequences if hasattr(output, "sequences") else output
+        sequences = torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=1)
+        if hasattr(output, "sequences"):
+            output.sequences = sequences
+            return output
+        return sequences
 
 
 __all__ = ["AnyMALForConditionalGeneration", "AnyMALPreTrainedModel"]
