@@ -158,7 +158,10 @@ def write_hf_directory(
     """Write the directory from the parts: a CLIP or SigLIP vision model of which the first `vision_layers` layers
     are read, a resampler with the pipeline's parameter names and a `config` dict of its shape, a causal LM (the base
     model when `adapter`, a peft model over it, is given), the tokenizer and image processor. The parts' configs are
-    renamed after the models the run was trained from (`published_name`) before anything is written."""
+    renamed after the models the run was trained from (`published_name`) before anything is written.
+
+    It is one function because it is a list of files written in order (weights, configs, tokenizer, processor,
+    generation config, code, card), each a few lines that share the parts above."""
     from transformers import GenerationConfig
 
     from pipeline.hf_export import TEMPLATE_DIR, TEMPLATE_FILES
@@ -269,7 +272,9 @@ def _dropped_layer(key: str, kept_layers: int) -> bool:
 
 
 def model_card(spec: ExportSpec, config, unmerged_adapter: bool) -> str:
-    """README.md of the export: what the model is, how it was trained and how to run it."""
+    """README.md of the export: what the model is, how it was trained and how to run it.
+
+    Most of its length is the card's text itself, one template filled from the run's facts."""
     facts = spec.card
     stage = facts.get("stage")
     what = (

@@ -66,6 +66,10 @@ class ChatCompletionRequest(BaseModel):
 
 
 def create_app(engine: Engine, model_name: str, limits: ServerLimits) -> FastAPI:
+    """The server's FastAPI app: its error handlers and routes.
+
+    It is long because FastAPI registers routes by decorating functions, and the routes here are closures over the
+    engine, the processor and the limits they share; each route is short on its own."""
     app = FastAPI(title="AnyMAL", docs_url=None, redoc_url=None)
     processor = engine.processor
     context_tokens = getattr(engine.model.config.text_config, "max_position_embeddings", None)
