@@ -13,8 +13,6 @@ import io
 import json
 import logging
 import math
-import os
-import shutil
 import subprocess
 import sys
 import weakref
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from browser import open_headless_chromium
 from PIL import Image
 
 from pipeline.report import write_report
@@ -380,50 +379,6 @@ def test_training_refreshes_the_report_and_never_fails_on_it(tmp_path, caplog):
     assert "could not write the run report" in caplog.text and "the run is not affected" in caplog.text
 
 
-def skip_or_fail(reason: str) -> None:
-    """Skip where the browser is unavailable, unless PIPELINE_REQUIRE_BROWSER=1 (CI), where it must run."""
-    if os.environ.get("PIPELINE_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason} (PIPELINE_REQUIRE_BROWSER=1; launch/install_browser.sh installs it)")
-    pytest.skip(f"{reason}; launch/install_browser.sh installs it")
-
-
-def find_program(*candidates: str) -> str | None:
-    for candidate in candidates:
-        found = shutil.which(candidate) or (candidate if os.access(candidate, os.X_OK) else None)
-        if found:
-            return found
-    return None
-
-
-def open_headless_chromium(profile_dir: Path):
-    """A chromedriver session on Debian's chromium, both named explicitly (nothing is looked up or downloaded)."""
-    browser = find_program("chromium", "chromium-browser")
-    driver_path = find_program("chromedriver", "/usr/lib/chromium/chromedriver")
-    if browser is None or driver_path is None:
-        skip_or_fail(f"headless browser test needs chromium and chromedriver (found {browser} and {driver_path})")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        skip_or_fail("headless browser test needs selenium (requirements-dev.txt)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile_dir}",
-        "--window-size=1400,900",
-    ):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-
-
 ALL_IMAGES_LOADED = """
 const images = Array.from(document.images);
 return {count: images.length,
@@ -436,7 +391,7 @@ def test_report_opens_from_disk_in_headless_chromium(tmp_path):
     """Opened from a file:// URL, every image of the page (plots and samples) has loaded; a screenshot is kept."""
     report = write_report(write_run(tmp_path / "run", stage=2))
     expected_images = len(PageImages(report.read_text()).images)
-    driver = open_headless_chromium(tmp_path / "chromium-profile")
+    driver = open_headless_chromium(tmp_path / "chromium-profile", window="1400,900")
     try:
         driver.set_page_load_timeout(60)
         driver.get(report.as_uri())

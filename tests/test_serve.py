@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import open_headless_chromium
 from hf_runs import QUESTIONS, chat_answers, siglip_qwen3_models, toy_images, write_stage2_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,24 +266,7 @@ def test_bad_requests_get_their_4xx_while_a_good_request_succeeds(server):
     assert [model.id for model in client(server).models.list().data] == ["toy-chat"]
 
 
-def browser_paths() -> tuple[str | None, str | None]:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver") or (
-        "/usr/lib/chromium/chromedriver" if Path("/usr/lib/chromium/chromedriver").is_file() else None
-    )
-    return browser, driver
-
-
 def test_chat_page_streams_an_answer_in_headless_chromium(server, tmp_path, capsys, monkeypatch):
-    browser, driver_path = browser_paths()
-    if browser is None or driver_path is None:
-        if os.environ.get("PIPELINE_REQUIRE_BROWSER") == "1":
-            pytest.fail(
-                "PIPELINE_REQUIRE_BROWSER=1 but chromium or chromedriver is missing (launch/install_browser.sh)"
-            )
-        pytest.skip("chromium and chromedriver are not installed; launch/install_browser.sh installs them")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -291,22 +274,7 @@ def test_chat_page_streams_an_answer_in_headless_chromium(server, tmp_path, caps
     questions = ["what colour is the shape ?", "what shape is it ?"]  # typed: a newline would send the form
     # The page asks for no max_tokens, so the server's default (--max-new-tokens 16) applies.
     expected = chat_cli(server["run"], image, questions, capsys, monkeypatch, max_tokens=SERVER_MAX_NEW_TOKENS)
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--window-size=900,900",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = open_headless_chromium(tmp_path / "profile", window="900,900")
     try:
         driver.get(server["base"] + "/")
         wait = WebDriverWait(driver, 60)
