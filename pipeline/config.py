@@ -63,6 +63,10 @@ class LLMConfig:
     # computing in `dtype`): QLoRA in stage 2, and in stage 1 a quarter of the LLM's memory for a smaller card or a
     # larger LLM.
     quantization: str = "none"
+    # Keep only each decoder layer's input through the forward and recompute the layer in the backward: the frozen
+    # LLM's activations shrink ~15x (8B: from ~120 KB to 8 KB per token and layer) for a third more LLM compute.
+    # For a card whose memory would otherwise force a tiny micro batch (docs/memory.md).
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -157,6 +161,13 @@ class TrainConfig:
     eval_batches: int = 50
     # Append every step's sample keys to <run_dir>/logs/keys_rank_<r>.jsonl (data audits, resume checks).
     record_sample_keys: bool = False
+    # GPU memory each rank plans for, in GiB (2**30 bytes); null: the card's. A value below the card's also caps the
+    # process there (torch.cuda.set_per_process_memory_fraction), e.g. to check a config for a 24 GB card on a larger
+    # one, or to leave room for another job.
+    gpu_memory_gib: float | None = None
+    # At start-up the run estimates its peak GPU memory (pipeline/training/memory.py) and logs it; with memory_check
+    # a run that would not fit gpu_memory_gib stops there, naming the micro batch that would fit. false logs only.
+    memory_check: bool = True
 
 
 @dataclass
@@ -306,6 +317,7 @@ def _numeric_rules(config: RunConfig) -> list[tuple[str, float | int | None, str
         ("train.eval_every_steps", train.eval_every_steps, _NON_NEGATIVE),
         ("train.stop_after_steps", train.stop_after_steps, _NON_NEGATIVE),
         ("train.seed", train.seed, _NON_NEGATIVE),
+        ("train.gpu_memory_gib", train.gpu_memory_gib, _POSITIVE),
         ("optim.lr", optim.lr, _POSITIVE),
         ("optim.resampler_lr", optim.resampler_lr, _POSITIVE),
         ("optim.eps", optim.eps, _POSITIVE),

@@ -113,15 +113,36 @@ def load_llm(config: LLMConfig, device=None) -> PreTrainedModel:
     )
     llm.requires_grad_(False)
     llm.eval()
+    if config.activation_checkpointing:
+        checkpoint_layers(llm)
     if config.compile_layers:
         for layer in llm.get_decoder().layers:
             layer.compile(dynamic=True)
     log.info(
-        "LLM %s: %s parameters, %s attention%s%s",
+        "LLM %s: %s parameters, %s attention%s%s%s",
         config.model,
         f"{llm.num_parameters():,}",
         config.attn_implementation,
         ", compiled layers" if config.compile_layers else "",
         f", {config.quantization} weights" if quantization is not None else "",
+        ", activation checkpointing" if config.activation_checkpointing else "",
     )
     return llm
+
+
+def checkpoint_layers(llm: PreTrainedModel) -> None:
+    """Recompute each decoder layer in the backward instead of keeping its activations (`torch.utils.checkpoint`,
+    non-reentrant, so keyword arguments such as the varlen boundaries pass through and a frozen layer whose only
+    input needing a gradient is the hidden state still gets one). Without gradients (evaluation, generation) the
+    layer runs as it is. Wrapping the layer's own `forward` keeps the module tree, and so the parameter names that
+    LoRA adapters and exports use, as it was; `compile_layers` then compiles the wrapped layer."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in llm.get_decoder().layers:
+
+        def forward(*args, _forward=layer.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
