@@ -63,7 +63,8 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     root.setLevel(logging.INFO)
 
 
-def run(config: RunConfig) -> str:
+def run(config: RunConfig, plan=None) -> str:
+    """Train `config` to its end or a stop signal; `plan` is the start-up memory plan, logged and saved with the run."""
     from transformers import AutoTokenizer
 
     from pipeline.data.loaders import build_train_loader, build_val_batches
@@ -83,8 +84,15 @@ def run(config: RunConfig) -> str:
         save_config(config, run_dir / "config.yaml")
     import torch
 
+    from pipeline.training.memory import cap_process_memory
+
+    if plan is not None:
+        log.info("%s", plan.describe())
+        if dist_env.is_main:
+            plan.save(run_dir / "memory_plan.json")
     torch.manual_seed(config.train.seed)
     device = device_for(dist_env)
+    cap_process_memory(config, device)
     tokenizer = AutoTokenizer.from_pretrained(config.model.llm.model)
     stage = build_stage(config, tokenizer, device)
     trainer = Trainer(
@@ -126,6 +134,18 @@ def run(config: RunConfig) -> str:
     return reason
 
 
+def plan_memory(config: RunConfig, world_size: int, local_rank: int):
+    """The run's memory plan where there is memory to plan for (a GPU, or train.gpu_memory_gib); `ConfigError` when it
+    would not fit. Tokenizing a few hundred samples and tracing one layer on the meta device take about a second."""
+    from pipeline.training.memory import check_memory, gpu_budget_gib
+
+    if gpu_budget_gib(config, local_rank) is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return check_memory(config, AutoTokenizer.from_pretrained(config.model.llm.model), world_size, local_rank)
+
+
 def main(argv=None, stage: int = 1) -> int:
     """`stage` is the stage this entry point trains (pipeline.train_stage2 passes 2); the config must agree.
 
@@ -139,12 +159,13 @@ def main(argv=None, stage: int = 1) -> int:
             entry = "pipeline.train_stage2" if config.stage == 2 else "pipeline.train"
             raise ConfigError(f"the config says stage: {config.stage}; train it with python -m {entry}")
         preflight(config, dist_env.world_size, dist_env.local_rank)
+        plan = plan_memory(config, dist_env.world_size, dist_env.local_rank)
     except (ConfigError, DataError) as err:
         if dist_env.is_main or isinstance(err, RankError):
             print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        run(config)
+        run(config, plan)
     except (Exception, KeyboardInterrupt) as error:
         exit_after_failure(error, dist_env.rank, dist_env.world_size)
     # The run is saved; its loader workers have nothing left to do. Ending them here means the interpreter's exit,
