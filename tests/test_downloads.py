@@ -21,13 +21,14 @@ import zipfile
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from types import SimpleNamespace
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.prep import laion, llava_coco
+from pipeline.prep import laion, llava_coco, weights
 from pipeline.prep.download import DownloadError, Manifest, RemoteFile, fetch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -474,7 +475,11 @@ def test_llava_coco_cli_errors_are_one_line(server, coco_standins, tmp_path, cap
 
 
 class FakeHub(Loopback):
-    """The few Hub routes snapshot_download uses, with gated repos: `tokens` maps a token to the repos it may read."""
+    """The few Hub routes snapshot_download uses, with gated repos: `tokens` maps a token to the repos it may read.
+
+    A repo is {"sha", "gated", "files": {name: bytes}} with optionally "sizes": {name: bytes the Hub reports instead
+    of the body's length} and "sizes_reported": False for a server whose model_info omits sizes.
+    """
 
     def __init__(self, repos: dict[str, dict], tokens: dict[str, set[str]]):
         self.repos, self.tokens = repos, tokens
@@ -490,6 +495,7 @@ class _HubHandler(_Handler):
         path = unquote(urlsplit(self.path).path)
         auth = self.headers.get("Authorization")
         token = auth.removeprefix("Bearer ") if auth else None
+        query = parse_qs(urlsplit(self.path).query)
         hub.requests.append({"method": self.command, "path": path, "token": token})
         if token is not None and token not in hub.tokens:
             return self.reply(
@@ -501,6 +507,7 @@ class _HubHandler(_Handler):
             repo = hub.repos.get(match[1])
             if repo is None:
                 return self.reply(404, {"error": "Repository not found"}, code="RepoNotFound")
+            with_sizes = query.get("blobs", [""])[0].lower() == "true" and repo.get("sizes_reported", True)
             return self.reply(
                 200,
                 {
@@ -509,7 +516,9 @@ class _HubHandler(_Handler):
                     "sha": repo["sha"],
                     "private": False,
                     "gated": "manual" if repo["gated"] else False,
-                    "siblings": [{"rfilename": name} for name in repo["files"]],
+                    "siblings": [
+                        hub_sibling(repo, name) if with_sizes else {"rfilename": name} for name in repo["files"]
+                    ],
                 },
             )
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
@@ -552,7 +561,20 @@ class _HubHandler(_Handler):
             self.wfile.write(data)
 
 
+def hub_sibling(repo: dict, name: str) -> dict:
+    """A file as model_info(files_metadata=True) lists it: size and blob id, and lfs.size for LFS files."""
+    data = repo["files"][name]
+    size = repo.get("sizes", {}).get(name, len(data))
+    sibling = {"rfilename": name, "size": size, "blobId": hashlib.sha1(data).hexdigest()}
+    if name.endswith((".safetensors", ".bin", ".pth")):  # stored in LFS by the Hub's default .gitattributes
+        sibling["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
+    return sibling
+
+
 CLIP_ID, LLAMA_ID, OTHER_GATED_ID = "openai/clip-vit-large-patch14", "meta-llama/Meta-Llama-3-8B-Instruct", "acme/x"
+LLAMA_70B_ID, UNSIZED_ID = "meta-llama/Meta-Llama-3-70B-Instruct", "acme/unsized"
+SHARDS_70B = [f"model-{index:05d}-of-00030.safetensors" for index in range(1, 31)]
+SHARD_70B_BYTES = 4_703_000_000  # 30 of them make 131.4 GiB, close to the real repository's safetensors
 
 
 @pytest.fixture(scope="module")
@@ -562,20 +584,46 @@ def fake_hub(tiny_models):
         return {"sha": hashlib.sha1(str(folder).encode()).hexdigest(), "gated": gated, "files": {**files, **extra}}
 
     duplicates = {"pytorch_model.bin": b"same weights, other format", "original/consolidated.00.pth": b"meta"}
+    # The 70B reports its real shard sizes (and Meta's 8 x 17.6 GB original/ checkpoint, which is not fetched) but
+    # serves empty bodies: its tests must stop before any download.
+    llama_70b = repo(tiny_models / "llm", True, {name: b"" for name in SHARDS_70B})
+    del llama_70b["files"]["model.safetensors"]
+    originals = {f"original/consolidated.{index:02d}.pth": 17_600_000_000 for index in range(8)}
+    llama_70b["files"].update(dict.fromkeys(originals, b""))
+    llama_70b["sizes"] = {**dict.fromkeys(SHARDS_70B, SHARD_70B_BYTES), **originals}
     hub = FakeHub(
         repos={
             CLIP_ID: repo(tiny_models / "clip", False, {"pytorch_model.bin": b"duplicate"}),
             LLAMA_ID: repo(tiny_models / "llm", True, duplicates),
             OTHER_GATED_ID: repo(tiny_models / "clip", True, {}),
+            LLAMA_70B_ID: llama_70b,
+            UNSIZED_ID: {**repo(tiny_models / "clip", False, {}), "sizes_reported": False},
         },
-        tokens={"hf_approved": {LLAMA_ID, OTHER_GATED_ID}, "hf_not_approved": set()},
+        tokens={"hf_approved": {LLAMA_ID, OTHER_GATED_ID, LLAMA_70B_ID}, "hf_not_approved": set()},
     )
     yield hub
     hub.close()
 
 
-def run_weights(args: list[str], tmp_path: Path, endpoint: str, token: str | None = None, **extra_env: str):
-    """`python -m pipeline.prep.weights` in a fresh interpreter, network-guarded, with no saved token."""
+# The prefetcher's module run as __main__ in an interpreter where every filesystem reports {free} bytes free.
+WITH_FREE_BYTES = """
+import collections, runpy, shutil
+Usage = collections.namedtuple("Usage", "total used free")
+shutil.disk_usage = lambda path: Usage({free}, 0, {free})
+runpy.run_module("pipeline.prep.weights", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_weights(
+    args: list[str],
+    tmp_path: Path,
+    endpoint: str,
+    token: str | None = None,
+    free_bytes: int | None = None,
+    **extra_env: str,
+):
+    """`python -m pipeline.prep.weights` in a fresh interpreter, network-guarded, with no saved token; `free_bytes`
+    makes the disks look that full."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -593,8 +641,9 @@ def run_weights(args: list[str], tmp_path: Path, endpoint: str, token: str | Non
     if token:
         env["HF_TOKEN"] = token
     env.update(extra_env)
+    module = ["-m", "pipeline.prep.weights"] if free_bytes is None else ["-c", WITH_FREE_BYTES.format(free=free_bytes)]
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.prep.weights", "--out-dir", str(tmp_path / "weights"), *args],
+        [sys.executable, *module, "--out-dir", str(tmp_path / "weights"), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -620,6 +669,7 @@ def test_weights_prefetch_from_a_config_then_offline(fake_hub, tmp_path):
         and not (clip / "pytorch_model.bin").exists()
     ), "duplicate formats are skipped"
     assert json.loads((llm / "prefetch.json").read_text())["commit"] == fake_hub.repos[LLAMA_ID]["sha"]
+    assert f"{LLAMA_ID}: 6 files, 0.0 GiB to fetch; " in proc.stderr, "the Hub's sizes went through the space check"
     assert f"model.vision.model={clip} model.llm.model={llm}" in proc.stdout
     saved = {name: os.environ.get(name) for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     try:
@@ -659,6 +709,51 @@ def test_weights_unreachable_hub_and_offline_env_are_one_line(tmp_path):
     assert proc.returncode == 1 and f"error: cannot reach {closed} to fetch {CLIP_ID}" in error, proc.stderr[-2000:]
     proc = run_weights([CLIP_ID], tmp_path, closed, HF_HUB_OFFLINE="1")
     assert proc.returncode == 2 and "HF_HUB_OFFLINE is set" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("complete_shards, needed, free_gib", [(0, "131.4 GiB", 100), (20, "43.8 GiB", 40)])
+def test_weights_that_do_not_fit_fail_before_downloading(fake_hub, tmp_path, complete_shards, needed, free_gib):
+    target = tmp_path / "weights" / LLAMA_70B_ID
+    target.mkdir(parents=True)
+    for name in SHARDS_70B[:complete_shards]:  # a resumed fetch: these are kept, the next one is partial
+        with open(target / name, "wb") as sparse:
+            sparse.truncate(SHARD_70B_BYTES)
+    (target / SHARDS_70B[complete_shards]).write_bytes(b"partial")
+    small = [name for name in fake_hub.repos[LLAMA_70B_ID]["files"] if name.endswith((".json", ".jinja"))]
+    start = len(fake_hub.requests)
+    proc = run_weights([LLAMA_70B_ID], tmp_path, fake_hub.base_url, token="hf_approved", free_bytes=free_gib * 2**30)
+    error = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert error == (
+        f"error: {LLAMA_70B_ID} needs {needed} (+1 GiB spare) for {30 - complete_shards + len(small)} files in "
+        f"{target}, but its filesystem has {free_gib:.1f} GiB free: free space there or choose another --out-dir"
+    )
+    assert [r["path"] for r in fake_hub.requests[start:]] == [f"/api/models/{LLAMA_70B_ID}"], "nothing downloaded"
+    assert sorted(p.name for p in target.iterdir()) == SHARDS_70B[: complete_shards + 1]
+
+
+def test_weights_space_check_counts_only_files_still_missing(fake_hub, tmp_path):
+    proc = run_weights([CLIP_ID], tmp_path, fake_hub.base_url, free_bytes=2**30)
+    error = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and error.startswith(f"error: {CLIP_ID} needs 0.0 GiB (+1 GiB spare)"), error
+    assert not (tmp_path / "weights" / CLIP_ID).exists()
+    assert run_weights([CLIP_ID], tmp_path, fake_hub.base_url).returncode == 0
+    proc = run_weights([CLIP_ID], tmp_path, fake_hub.base_url, free_bytes=0)
+    assert proc.returncode == 0 and "GiB to fetch" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_weights_without_sizes_from_the_hub_skip_the_space_check(fake_hub, tmp_path):
+    proc = run_weights([UNSIZED_ID], tmp_path, fake_hub.base_url, free_bytes=0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{UNSIZED_ID}: the Hub reported no file sizes; skipping the free-space check" in proc.stderr
+    assert (tmp_path / "weights" / UNSIZED_ID / "config.json").is_file()
+
+
+def test_free_space_is_that_of_the_nearest_existing_directory(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda path: asked.append(path) or SimpleNamespace(free=7))
+    assert weights.free_bytes(tmp_path / "weights" / "meta-llama" / "Meta-Llama-3-70B-Instruct") == 7
+    assert asked == [tmp_path]
 
 
 @pytest.mark.slow

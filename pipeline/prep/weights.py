@@ -2,25 +2,31 @@
 
     python -m pipeline.prep.weights --out-dir /data/weights --config configs/stage1_8b.yaml
     python -m pipeline.prep.weights --out-dir /data/weights --config configs/stage1_siglip2_qwen3_8b.yaml
+    python -m pipeline.prep.weights --out-dir /data/weights --config configs/stage1_70b.yaml
     python -m pipeline.prep.weights --out-dir /data/weights openai/clip-vit-large-patch14 org/other-model
 
-The recipes' models: openai/clip-vit-large-patch14 and meta-llama/Meta-Llama-3-8B-Instruct (configs/stage*_8b.yaml),
-google/siglip2-so400m-patch14-384 and Qwen/Qwen3-8B (configs/stage*_siglip2_qwen3_8b.yaml); any other Hub id of a
-supported family works the same way (README, "Supported backbones").
+The recipes' models: openai/clip-vit-large-patch14 and meta-llama/Meta-Llama-3-8B-Instruct (configs/stage[12]_8b.yaml),
+openai/clip-vit-large-patch14 and meta-llama/Meta-Llama-3-70B-Instruct (configs/stage1_70b.yaml; about 132 GiB of
+safetensors in 30 shards), google/siglip2-so400m-patch14-384 and Qwen/Qwen3-8B (configs/stage*_siglip2_qwen3_8b.yaml);
+any other Hub id of a supported family works the same way (README, "Supported backbones").
 
 Each model lands in OUT_DIR/<org>/<name> (e.g. /data/weights/meta-llama/Meta-Llama-3-8B-Instruct) through
 `huggingface_hub.snapshot_download`, which resumes interrupted files and checks their sizes; a prefetch.json there
 records the repository, the commit and the endpoint. Only the weights transformers loads are fetched: when a repo
 has safetensors, its duplicate .bin / TensorFlow / Flax / ONNX copies and Meta's original/ checkpoint are skipped
-(--all-files fetches everything). The command prints the config overrides that point a run at the local copies;
-training given local directories sets HF_HUB_OFFLINE=1 itself (`pipeline.prep.offline`).
+(--all-files fetches everything). Before any download, the sizes the Hub reports for exactly those files, less the
+files already complete in the target directory (a resumed fetch), are compared with the free space of its filesystem:
+a model that does not fit stops the command with a one-line error. The command prints the config overrides that point
+a run at the local copies; training given local directories sets HF_HUB_OFFLINE=1 itself (`pipeline.prep.offline`).
 
 Gated models (meta-llama/* and others; the SigLIP2 and Qwen3 models are not): the Hub serves their files only to an
-account that has accepted the model's licence. Once: open https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct
-while logged in, accept the Meta Llama 3 Community License and wait for approval (shown on that page and by e-mail);
-create a token with read access at https://huggingface.co/settings/tokens; then `export HF_TOKEN=hf_...` or run `hf auth
-login` (which stores it in ~/.cache/huggingface/token). Without a token, with a rejected one, or without approval the
-command stops with a one-line error that says which.
+account that has accepted the model's licence, and each model has its own page. Once per model: open
+https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct (for configs/stage1_70b.yaml also
+https://huggingface.co/meta-llama/Meta-Llama-3-70B-Instruct) while logged in, accept the Meta Llama 3 Community
+License and wait for approval (shown on that page and by e-mail). Once: create a token with read access at
+https://huggingface.co/settings/tokens; then `export HF_TOKEN=hf_...` or run `hf auth login` (which stores it in
+~/.cache/huggingface/token). Without a token, with a rejected one, or without approval the command stops with a
+one-line error that says which.
 
 HF_ENDPOINT selects another Hub endpoint or a mirror (tests point it at a loopback server).
 """
@@ -31,6 +37,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +50,11 @@ GATED_ORGANISATIONS = ("meta-llama/",)
 # Copies of the same weights in formats the pipeline never loads, and Meta's original consolidated checkpoint.
 SKIPPED_FORMATS = ["original/*", "*.pth", "*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.ot", "*.tflite"]
 CONFIG_KEYS = ("model.vision.model", "model.llm.model")
+GIB = 1 << 30
+# Kept free beyond the files' own bytes. The client adds a small .metadata and .lock file per file under
+# .cache/huggingface and every file ends in a partly used block (kilobytes each), and a filesystem filled to its last
+# byte fails whatever writes there next (the run's checkpoints and logs); 1 GiB covers both and is under 1 % of a 70B.
+SPACE_MARGIN_BYTES = GIB
 
 
 class WeightsError(RuntimeError):
@@ -59,6 +71,52 @@ def local_dir_for(out_dir: Path, repo_id: str) -> Path:
 
 def token_source() -> str:
     return "HF_TOKEN" if os.environ.get("HF_TOKEN") else "the token saved by `hf auth login`"
+
+
+def ignore_patterns(files: list[str], all_files: bool) -> list[str] | None:
+    """The files snapshot_download skips; the free-space check counts what these patterns leave, so both agree."""
+    if all_files:
+        return None
+    ignore = list(SKIPPED_FORMATS)
+    if any(name.endswith(".safetensors") for name in files):
+        ignore.append("*.bin")
+    return ignore
+
+
+def free_bytes(directory: Path) -> int:
+    """Free bytes on the filesystem that will hold `directory`, which need not exist yet."""
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    return shutil.disk_usage(existing).free
+
+
+def check_free_space(repo_id: str, siblings: list, ignore: list[str] | None, target: Path) -> None:
+    """Raise WeightsError when the files still to fetch into `target` do not fit on its filesystem."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    # An LFS file's lfs.size is the size of its content by definition; other files have only size.
+    sizes = {sibling.rfilename: sibling.lfs.size if sibling.lfs else sibling.size for sibling in siblings}
+    wanted = list(filter_repo_objects(sizes, ignore_patterns=ignore))
+    if any(sizes[name] is None for name in wanted):
+        log.info("%s: the Hub reported no file sizes; skipping the free-space check", repo_id)
+        return
+    # A file already there at its full size is kept by the resumed download; a partly fetched one counts whole (the
+    # safe side: the check may ask for up to one file per download worker more than is needed).
+    missing = [
+        name for name in wanted if not (target / name).is_file() or (target / name).stat().st_size != sizes[name]
+    ]
+    if not missing:
+        return
+    needed = sum(sizes[name] for name in missing)
+    free = free_bytes(target)
+    log.info(
+        "%s: %d files, %.1f GiB to fetch; %.1f GiB free for %s", repo_id, len(missing), needed / GIB, free / GIB, target
+    )
+    if needed + SPACE_MARGIN_BYTES > free:
+        raise WeightsError(
+            f"{repo_id} needs {needed / GIB:.1f} GiB (+{SPACE_MARGIN_BYTES / GIB:.0f} GiB spare) for "
+            f"{len(missing)} files in {target}, but its filesystem has {free / GIB:.1f} GiB free: free space there or "
+            f"choose another --out-dir"
+        )
 
 
 def explain(err: Exception, repo_id: str, has_token: bool) -> str:
@@ -122,19 +180,16 @@ def prefetch(repo_id: str, out_dir: Path, revision: str | None = None, all_files
         )
     target = local_dir_for(out_dir, repo_id)
     try:
-        info = HfApi(endpoint=hub, token=token).model_info(repo_id, revision=revision)
+        info = HfApi(endpoint=hub, token=token).model_info(repo_id, revision=revision, files_metadata=True)
         if info.gated and token is None:
             raise WeightsError(
                 f"{repo_id} is gated and no Hugging Face token is set: accept its licence at "
                 f"{hub}/{repo_id}, then create a read token at {hub}/settings/tokens and export "
                 f"HF_TOKEN=hf_... (or run `hf auth login`)"
             )
-        files = [sibling.rfilename for sibling in info.siblings or []]
-        ignore = None
-        if not all_files:
-            ignore = list(SKIPPED_FORMATS)
-            if any(name.endswith(".safetensors") for name in files):
-                ignore.append("*.bin")
+        siblings = info.siblings or []
+        ignore = ignore_patterns([sibling.rfilename for sibling in siblings], all_files)
+        check_free_space(repo_id, siblings, ignore, target)
         log.info("%s @ %s: fetching into %s", repo_id, info.sha, target)
         # Pinning the commit keeps every file of the snapshot from the same revision.
         snapshot_download(
