@@ -112,10 +112,14 @@ def main() -> int:
                 for compiled, checkpointed in ((False, False), (True, False), (True, True)):
                     model = build_layer(config, quantized, lora)
                     if checkpointed:
-                        checkpoint_layers(model)
-                    if compiled:
+                        checkpoint_layers(model, compile_layers=compiled)
+                    elif compiled:
                         model.get_decoder().layers[0].compile(dynamic=True)
-                    measured = (kept_bytes(model, large) - kept_bytes(model, small)) / (large - small)
+                    try:
+                        measured = (kept_bytes(model, large) - kept_bytes(model, small)) / (large - small)
+                    except Exception as error:  # one failing setting must not hide the others' rows
+                        measured = float("nan")
+                        print(f"{shape} nf4={quantized} lora={lora} compiled={compiled}: {error!r}"[:2000], flush=True)
                     row = {
                         "shape": shape,
                         "weights": "nf4" if quantized else "bf16",

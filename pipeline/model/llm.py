@@ -114,8 +114,8 @@ def load_llm(config: LLMConfig, device=None) -> PreTrainedModel:
     llm.requires_grad_(False)
     llm.eval()
     if config.activation_checkpointing:
-        checkpoint_layers(llm)
-    if config.compile_layers:
+        checkpoint_layers(llm, compile_layers=config.compile_layers)
+    elif config.compile_layers:
         for layer in llm.get_decoder().layers:
             layer.compile(dynamic=True)
     log.info(
@@ -130,17 +130,19 @@ def load_llm(config: LLMConfig, device=None) -> PreTrainedModel:
     return llm
 
 
-def checkpoint_layers(llm: PreTrainedModel) -> None:
+def checkpoint_layers(llm: PreTrainedModel, compile_layers: bool = False) -> None:
     """Recompute each decoder layer in the backward instead of keeping its activations (`torch.utils.checkpoint`,
     non-reentrant, so keyword arguments such as the varlen boundaries pass through and a frozen layer whose only
     input needing a gradient is the hidden state still gets one). Without gradients (evaluation, generation) the
     layer runs as it is. Wrapping the layer's own `forward` keeps the module tree, and so the parameter names that
-    LoRA adapters and exports use, as it was; `compile_layers` then compiles the wrapped layer."""
+    LoRA adapters and exports use, as it was. With `compile_layers` the checkpoint wraps the compiled forward:
+    inductor's partitioner fails on a checkpoint region inside a compiled layer."""
     from torch.utils.checkpoint import checkpoint
 
     for layer in llm.get_decoder().layers:
+        inner = torch.compile(layer.forward, dynamic=True) if compile_layers else layer.forward
 
-        def forward(*args, _forward=layer.forward, **kwargs):
+        def forward(*args, _forward=inner, **kwargs):
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
             return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
