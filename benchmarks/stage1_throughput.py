@@ -2,9 +2,18 @@
 
 Both use the real architectures with random weights built from config (no download): LLaMA-3-8B (released config
 values) frozen in bf16, and the default Perceiver Resampler (width 1024, 64 latents) on cached CLIP ViT-L/14
-features [B, 257, 1024], i.e. the vision tower is not run (the cached-feature setting).
+features [B, 257, 1024], i.e. the vision tower is not run (the cached-feature setting). `--backbones` picks another
+pair: SigLIP2-so400m-384 + Qwen3-8B, or CLIP ViT-L/14 + LLaMA-3-70B.
 
     python benchmarks/stage1_throughput.py --runs baseline@64 pipeline+varlen+compile@128 [--profile] [--out r.json]
+    python benchmarks/stage1_throughput.py --backbones clip-llama3-70b --quantization nf4 \
+        --runs pipeline+varlen+compile@32x2 pipeline+varlen+compile@48x2 --steps 6 --warmup 2
+
+`--quantization nf4` keeps the decoder's Linear weights in bitsandbytes NF4 (double quantization, bf16 compute, as
+transformers' `BitsAndBytesConfig` loads them; embeddings and LM head stay bf16). That LLM is built on the meta device
+and materialised on the GPU one decoder layer at a time, each layer initialised like HF's init (normal(0, 0.02) for
+Linear weights and embeddings, ones for norms) and quantized before the next exists, so only one layer is ever in
+bf16 and nothing passes through host memory: a 70B LLM (141 GB in bf16) builds on one H200 in ~37 GiB.
 
 Each run is VARIANT@MICRO[xN]. Caption lengths come from a fixed LAION-like distribution: log-normal with mean ~18
 tokens, clipped to [4, 64] (EOS included), seeded, so every run sees the same captions. Batches sit in page-locked
@@ -33,11 +42,16 @@ Variants:
                 there, with host syncs (how the step ran before the layout moved to the host).
   +compile      each LLM decoder layer compiled (torch.compile, dynamic shapes), as model.llm.compile_layers does;
                 compiled layers stay compiled for the runs that follow, so list compiled runs last.
+  +ckpt         activation checkpointing of the frozen decoder layers (`pipeline.model.llm.checkpoint_layers`, as
+                model.llm.activation_checkpointing does), applied before the layers are compiled. It wraps each
+                layer's forward, which a compiled layer has already traced and which is not unwrapped, so whenever a
+                run's +ckpt differs from the run before it the LLM is built afresh (same seed, same weights, not yet
+                compiled): list the +ckpt runs together, first or last.
 Every run reports its first step's loss: all runs start from the same resampler on the same batch, so the losses
 must agree (bf16) whatever the attention kernel.
 
 MFU counts useful FLOPs only (pipeline/training/metrics.py; no padding, no recompute, attention's quadratic term
-left out), against 989 TFLOP/s dense bf16 per H100/H200:
+left out, NF4 weights counted by their unpacked shapes), against 989 TFLOP/s dense bf16 per H100/H200:
   4 * N_body * (1 + 64 + caption tokens) per sample   N_body = LLM parameters less the embedding and the LM head
   + 4 * N_head * caption tokens                        the LM head, at supervised positions only
   + 6 * N_resampler * 64 per sample.
@@ -45,16 +59,24 @@ left out), against 989 TFLOP/s dense bf16 per H100/H200:
 `--trace DIR` writes a host+device trace of 2 more steps per run and reports where the GPU sat idle and which host
 code it waited for (benchmarks/trace_gaps.py). On a GPU the script first checks the varlen kernel against SDPA
 under the equivalent mask, for equal and for end-aligned unequal query and key spans.
-`--smoke` runs everything on the CPU with a 2-layer LLaMA of width 256 (no compile), to check the script before
-spending GPU time; its numbers mean nothing.
+Each run's row also records the LLM's parameter count, its quantization and whether checkpointing was on; the
+results record the commit and the command.
+`--smoke` runs everything on the CPU with a 2-layer LLM of width 256 (no compile; with `--quantization nf4` through
+the same layer-by-layer builder, bitsandbytes' CPU kernels), to check the script before spending GPU time; its
+numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from common import (
@@ -78,7 +100,14 @@ from pipeline.config import RunConfig
 from pipeline.model.anymal import AnyMAL, build_resampler
 from pipeline.model.attention import register_varlen
 from pipeline.model.layout import caption_sequence
-from pipeline.model.reference import CLIP_VIT_L14, SIGLIP2_SO400M_384, llama3_8b_config, qwen3_8b_config
+from pipeline.model.llm import checkpoint_layers
+from pipeline.model.reference import (
+    CLIP_VIT_L14,
+    SIGLIP2_SO400M_384,
+    llama3_8b_config,
+    llama3_70b_config,
+    qwen3_8b_config,
+)
 from pipeline.training.metrics import llm_flop_parameters, peak_tflops, step_flops
 from pipeline.training.stages import parameter_count
 
@@ -88,6 +117,12 @@ CAPTION_SIGMA = 0.5
 # (bos, eos, pad) ids; Qwen has no BOS, so its rows start with the image.
 BACKBONES = {
     "clip-llama3": ((257, CLIP_VIT_L14["hidden_size"]), llama3_8b_config, "LlamaForCausalLM", (128000, 128009, 128004)),
+    "clip-llama3-70b": (
+        (257, CLIP_VIT_L14["hidden_size"]),
+        llama3_70b_config,
+        "LlamaForCausalLM",
+        (128000, 128009, 128004),
+    ),
     "siglip2-qwen3": (
         ((384 // 14) ** 2, SIGLIP2_SO400M_384["hidden_size"]),
         qwen3_8b_config,
@@ -128,7 +163,7 @@ def make_batches(steps: int, micro: int, vocab: int, eos: int, features: tuple[i
     return batches
 
 
-def build_llm(attn: str, smoke: bool, backbones: str):
+def build_llm(attn: str, smoke: bool, backbones: str, quantization: str):
     import transformers
 
     _, make_config, class_name, _ = BACKBONES[backbones]
@@ -141,12 +176,100 @@ def build_llm(attn: str, smoke: bool, backbones: str):
         shrink["head_dim"] = 64
     config = make_config(**shrink)
     config._attn_implementation = attn
+    model_class = getattr(transformers, class_name)
     torch.manual_seed(0)
-    with DEVICE:
-        llm = getattr(transformers, class_name)(config).to(torch.bfloat16)
+    if quantization == "nf4":
+        llm = build_nf4_llm(model_class, config)
+    else:
+        with DEVICE:
+            llm = model_class(config).to(torch.bfloat16)
     llm.requires_grad_(False)
     llm.eval()
     return llm
+
+
+@torch.no_grad()
+def build_nf4_llm(model_class, config):
+    """The LLM with its decoder's Linear weights in NF4, built on the meta device and materialised on DEVICE one
+    decoder layer at a time: each layer is initialised and quantized before the next is allocated."""
+    with torch.device("meta"):
+        llm = model_class(config).to(torch.bfloat16)
+    llm.requires_grad_(False)
+    decoder = llm.get_decoder()
+    for layer in decoder.layers:
+        initialise_like_hf(layer.to_empty(device=DEVICE), config.initializer_range)
+        quantize_nf4(layer)
+    for module in (llm.get_input_embeddings(), decoder.norm, llm.get_output_embeddings()):
+        initialise_like_hf(module.to_empty(device=DEVICE), config.initializer_range)
+    # The rotary frequencies are computed from the config, in fp32 as from_pretrained keeps them.
+    with DEVICE:
+        decoder.rotary_emb = type(decoder.rotary_emb)(config)
+    unbuilt = [name for name, tensor in [*llm.named_parameters(), *llm.named_buffers()] if tensor.is_meta]
+    if unbuilt:
+        raise RuntimeError(f"build_nf4_llm left {', '.join(unbuilt[:3])} on the meta device; materialise them too")
+    return llm
+
+
+def initialise_like_hf(module: torch.nn.Module, std: float) -> None:
+    """HF's `_init_weights` for a decoder: Linear weights and embeddings normal(0, std), biases zero, every other
+    weight (the RMSNorm gains) ones."""
+    for child in module.modules():
+        if isinstance(child, (torch.nn.Linear, torch.nn.Embedding)):
+            child.weight.normal_(0.0, std)
+            if getattr(child, "padding_idx", None) is not None:
+                child.weight[child.padding_idx].zero_()
+        elif isinstance(getattr(child, "weight", None), torch.nn.Parameter):
+            child.weight.fill_(1.0)
+        if isinstance(getattr(child, "bias", None), torch.nn.Parameter):
+            child.bias.zero_()
+
+
+def quantize_nf4(module: torch.nn.Module) -> None:
+    """Replace the module's Linear layers by bitsandbytes NF4 ones on the weights' device, as transformers'
+    BitsAndBytesConfig(load_in_4bit, nf4, double quantization, bf16 compute) loads them; the bf16 weights are freed."""
+    import bitsandbytes as bnb
+
+    for name, linear in list(module.named_modules()):
+        if type(linear) is not torch.nn.Linear:
+            continue
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=torch.bfloat16,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        weight = bnb.nn.Params4bit(
+            linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=quantized
+        )
+        quantized.weight = weight.to(linear.weight.device)  # quantizes
+        quantized.bias = linear.bias
+        module.set_submodule(name, quantized)
+
+
+def weight_bytes(llm) -> int:
+    """Bytes of the LLM's parameters as stored (4-bit weights packed) plus their quantization statistics."""
+    total = 0
+    for param in llm.parameters():
+        total += param.numel() * param.element_size()
+        state = getattr(param, "quant_state", None)
+        while state is not None:
+            total += sum(
+                t.numel() * t.element_size() for t in (state.absmax, state.code, state.offset) if t is not None
+            )
+            state = state.state2
+    return total
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def useful_flops(n_body: int, n_head: int, n_res: int, batches: list[dict], latents: int, first: int) -> float:
@@ -248,8 +371,18 @@ def main():
     parser.add_argument("--out", default="")
     parser.add_argument("--smoke", action="store_true", help="a tiny LLaMA on the CPU: checks the script, no numbers")
     parser.add_argument("--backbones", choices=sorted(BACKBONES), default="clip-llama3", help="tower + LLM pair")
+    parser.add_argument(
+        "--quantization",
+        choices=("none", "nf4"),
+        default="none",
+        help="the LLM's decoder Linear weights: bf16, or NF4 built layer by layer on the device",
+    )
     args = parser.parse_args()
     runs = parse_runs(args.runs)
+    if args.quantization == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+        parser.error("--quantization nf4 needs bitsandbytes: pip install 'bitsandbytes>=0.50'")
+    if args.backbones == "clip-llama3-70b" and args.quantization == "none" and not args.smoke:
+        parser.error("clip-llama3-70b in bf16 needs 141 GB for its weights alone; add --quantization nf4")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -259,15 +392,16 @@ def main():
         DEVICE, args.steps, args.warmup = torch.device("cpu"), 2, 1
         runs = [(variant.replace("+compile", ""), 4, acc) for variant, _, acc in runs]
 
-    llm = build_llm(args.attn, args.smoke, args.backbones)
     features, _, _, (bos, eos, pad) = BACKBONES[args.backbones]
     latents = RunConfig().model.resampler.num_latents
-    n_body, n_head = llm_flop_parameters(llm, parameter_count)
     peak = peak_tflops() or 989.0
     device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (smoke test)"
     results = {
+        "commit": git_commit(),
+        "command": shlex.join(["python", *sys.argv]),
         "device": device_name,
         "backbones": args.backbones,
+        "quantization": args.quantization,
         "timed_steps": args.steps,
         "torch": torch.__version__,
         "variants": {},
@@ -275,8 +409,27 @@ def main():
     if DEVICE.type == "cuda":
         results["varlen_kernel_check"] = check_varlen_kernel(DEVICE)
         print("varlen kernel check", json.dumps(results["varlen_kernel_check"]), flush=True)
+    llm, llm_checkpointed = None, None
     for variant, micro, acc in runs:
         name = f"{variant}@{micro}" + (f"x{acc}" if acc > 1 else "")
+        checkpointed = "+ckpt" in variant
+        if checkpointed != llm_checkpointed:
+            if getattr(llm, "_benchmark_layers_compiled", False):
+                torch._dynamo.reset()  # so that no compiled graph keeps the old layers alive
+            llm = step = None
+            free_memory(DEVICE)
+            llm = build_llm(args.attn, args.smoke, args.backbones, args.quantization)
+            if checkpointed:
+                checkpoint_layers(llm)
+            llm_checkpointed = checkpointed
+            n_body, n_head = llm_flop_parameters(llm, parameter_count)
+            llm_facts = {
+                "llm_parameters": parameter_count(llm),
+                "llm_weights_gib": weight_bytes(llm) / 2**30,
+                "quantization": args.quantization,
+                "activation_checkpointing": checkpointed,
+            }
+            print("LLM", json.dumps(llm_facts), flush=True)
         steps = args.steps + args.warmup + extra_batches(args.profile, bool(args.trace))
         batches = make_batches(steps * acc, micro, llm.config.vocab_size, eos, features)
         if DEVICE.type == "cuda":
@@ -322,6 +475,7 @@ def main():
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None,
             "first_step_loss": run["losses"][0],
             "attention": llm.config._attn_implementation,
+            **llm_facts,
             **{key: run[key] for key in ("profile", "idle", "host") if key in run},
         }
         record(results, name, row, args.out)

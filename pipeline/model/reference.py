@@ -1,5 +1,6 @@
 """Published architecture values of the real backbones, for building them with random weights and no download:
-the CLIP ViT-L/14 + LLaMA-3-8B recipe and the SigLIP2-so400m-384 + Qwen3-8B one.
+the CLIP ViT-L/14 + LLaMA-3-8B recipe, the SigLIP2-so400m-384 + Qwen3-8B one, and LLaMA-3-70B for sizing stage 1
+with a larger frozen LLM.
 
 Benchmarks and shape tests use these; training always loads the real weights by hub id or path.
 """
@@ -25,6 +26,24 @@ LLAMA3_8B = dict(
     eos_token_id=128009,
 )
 
+# meta-llama/Meta-Llama-3-70B-Instruct, config.json as released: 70.55B parameters, 80 layers, untied embeddings.
+LLAMA3_70B = dict(
+    vocab_size=128256,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128009,
+    torch_dtype="bfloat16",
+)
+
 # openai/clip-vit-large-patch14, vision_config.
 CLIP_VIT_L14 = dict(
     hidden_size=1024,
@@ -40,6 +59,10 @@ CLIP_VIT_L14 = dict(
 
 def llama3_8b_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**{**LLAMA3_8B, **overrides})
+
+
+def llama3_70b_config(**overrides) -> LlamaConfig:
+    return LlamaConfig(**{**LLAMA3_70B, **overrides})
 
 
 def clip_vit_l14_config(**overrides) -> CLIPVisionConfig:
