@@ -44,6 +44,12 @@ FRAGMENTATION = 0.05
 # fp32 copy exist at once, beside the fp32 log-probabilities every chunk keeps for the backward.
 LOGIT_CHUNK_TOKENS = 4096
 TRACE_ATTENTION = "memory_trace"
+# What a real layer keeps per token against the meta-device trace, measured on an H200 for LLaMA-3-8B and -70B shapes,
+# bf16 and NF4, with and without LoRA (benchmarks/layer_memory.py, benchmarks/results/layer_memory_h200.json): eager
+# layers keep 0.91-1.10x the trace (the varlen kernel's buffers), compiled ones 0.70-0.73x (inductor recomputes
+# elementwise results in the backward instead of keeping them). The plan takes the largest of each.
+EAGER_LAYER_FRACTION = 1.10
+COMPILED_LAYER_FRACTION = 0.73
 
 
 @dataclass
@@ -313,11 +319,13 @@ class MemoryPlanner:
         s, llm = self.shapes, self.config.model.llm
         tokens = _micro_batch_total(self.tokens, micro)
         supervised = _micro_batch_total(self.supervised, micro)
+        per_layer = s.layer_bytes_per_token * (COMPILED_LAYER_FRACTION if llm.compile_layers else EAGER_LAYER_FRACTION)
         if llm.activation_checkpointing:
             # Each layer's input stays; in the backward one layer is rebuilt, its activations and their gradients.
-            layers = s.layers * s.layer_input_bytes_per_token * tokens + 2 * s.layer_bytes_per_token * tokens
+            layers = s.layers * s.layer_input_bytes_per_token * tokens + 2 * per_layer * tokens
         else:
-            layers = s.layers * s.layer_bytes_per_token * tokens + s.layer_bytes_per_token * tokens
+            # All layers' activations, and one layer's gradients in the backward.
+            layers = s.layers * per_layer * tokens + per_layer * tokens
         # Embeddings in and the final norm out, and their gradients.
         layers += 4 * s.hidden * 2 * tokens
         logits = supervised * s.vocab * 4 + min(supervised, LOGIT_CHUNK_TOKENS) * s.vocab * (2 + 4)
