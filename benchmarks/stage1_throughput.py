@@ -43,10 +43,10 @@ Variants:
   +compile      each LLM decoder layer compiled (torch.compile, dynamic shapes), as model.llm.compile_layers does;
                 compiled layers stay compiled for the runs that follow, so list compiled runs last.
   +ckpt         activation checkpointing of the frozen decoder layers (`pipeline.model.llm.checkpoint_layers`, as
-                model.llm.activation_checkpointing does), applied before the layers are compiled. It wraps each
-                layer's forward, which a compiled layer has already traced and which is not unwrapped, so whenever a
-                run's +ckpt differs from the run before it the LLM is built afresh (same seed, same weights, not yet
-                compiled): list the +ckpt runs together, first or last.
+                model.llm.activation_checkpointing does); with +compile the checkpoint wraps each compiled layer, as
+                training does. The wrapping is not undone, so whenever a run's +ckpt, or with +ckpt its +compile,
+                differs from the run before it, the LLM is built afresh (same seed, same weights, uncompiled): list
+                the +ckpt runs together, first or last.
 Every run reports its first step's loss: all runs start from the same resampler on the same batch, so the losses
 must agree (bf16) whatever the attention kernel.
 
@@ -409,19 +409,21 @@ def main():
     if DEVICE.type == "cuda":
         results["varlen_kernel_check"] = check_varlen_kernel(DEVICE)
         print("varlen kernel check", json.dumps(results["varlen_kernel_check"]), flush=True)
-    llm, llm_checkpointed = None, None
+    llm, llm_checkpointing = None, None
     for variant, micro, acc in runs:
         name = f"{variant}@{micro}" + (f"x{acc}" if acc > 1 else "")
         checkpointed = "+ckpt" in variant
-        if checkpointed != llm_checkpointed:
-            if getattr(llm, "_benchmark_layers_compiled", False):
+        # (checkpointed, compiled inside the checkpoint): the wrapping cannot be undone or compiled later.
+        checkpointing = (checkpointed, checkpointed and "compile" in variant)
+        if checkpointing != llm_checkpointing:
+            if llm is not None:
                 torch._dynamo.reset()  # so that no compiled graph keeps the old layers alive
             llm = step = None
             free_memory(DEVICE)
             llm = build_llm(args.attn, args.smoke, args.backbones, args.quantization)
             if checkpointed:
-                checkpoint_layers(llm)
-            llm_checkpointed = checkpointed
+                checkpoint_layers(llm, compile_layers=checkpointing[1])
+            llm_checkpointing = checkpointing
             n_body, n_head = llm_flop_parameters(llm, parameter_count)
             llm_facts = {
                 "llm_parameters": parameter_count(llm),
@@ -444,7 +446,7 @@ def main():
         llm.config._attn_implementation = attention_of(variant, args.attn)
         step = None
         try:
-            if "compile" in variant:
+            if "compile" in variant and not checkpointed:
                 compile_decoder_layers(llm)
             if variant == "baseline":
                 step = baseline_step(llm, resampler.to(torch.bfloat16), bos, pad)
