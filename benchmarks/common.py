@@ -334,3 +334,28 @@ def check_varlen_kernel(device: torch.device) -> dict:
     except Exception as exc:  # noqa: BLE001 - reported with the benchmark's results
         errors["packed"] = f"{type(exc).__name__}: {exc}"[:300]
     return {"relative_error": errors, "agrees": all(isinstance(e, float) and e < 2e-2 for e in errors.values())}
+
+
+def quantize_nf4(module: torch.nn.Module) -> None:
+    """Replace the module's Linear layers by bitsandbytes NF4 ones on the weights' device, as transformers'
+    BitsAndBytesConfig(load_in_4bit, nf4, double quantization, bf16 compute) loads them; the bf16 weights are freed."""
+    import bitsandbytes as bnb
+
+    for name, linear in list(module.named_modules()):
+        if type(linear) is not torch.nn.Linear:
+            continue
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=torch.bfloat16,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        weight = bnb.nn.Params4bit(
+            linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=quantized
+        )
+        quantized.weight = weight.to(linear.weight.device)  # quantizes
+        quantized.bias = linear.bias
+        module.set_submodule(name, quantized)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 import torch
+from common import quantize_nf4
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import LoRAConfig
@@ -40,24 +41,7 @@ def build_layer(config, quantized: bool, lora: bool):
         model = AutoModelForCausalLM.from_config(one_layer, dtype=torch.bfloat16)
     model.requires_grad_(False)
     if quantized:
-        import bitsandbytes as bnb
-
-        layer = model.get_decoder().layers[0]
-        for parent in (layer.self_attn, layer.mlp):
-            for name, linear in list(parent.named_children()):
-                if isinstance(linear, torch.nn.Linear):
-                    quantized_linear = bnb.nn.Linear4bit(
-                        linear.in_features,
-                        linear.out_features,
-                        bias=False,
-                        compute_dtype=torch.bfloat16,
-                        compress_statistics=True,
-                        quant_type="nf4",
-                    )
-                    quantized_linear.weight = bnb.nn.Params4bit(
-                        linear.weight.data.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4"
-                    )
-                    setattr(parent, name, quantized_linear.cuda())
+        quantize_nf4(model.get_decoder().layers[0])
     if lora:
         from pipeline.model.lora import add_lora
 

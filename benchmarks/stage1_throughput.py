@@ -90,6 +90,7 @@ from common import (
     parse_runs,
     pinned,
     print_table,
+    quantize_nf4,
     record,
     record_failure,
     save,
@@ -222,31 +223,6 @@ def initialise_like_hf(module: torch.nn.Module, std: float) -> None:
             child.weight.fill_(1.0)
         if isinstance(getattr(child, "bias", None), torch.nn.Parameter):
             child.bias.zero_()
-
-
-def quantize_nf4(module: torch.nn.Module) -> None:
-    """Replace the module's Linear layers by bitsandbytes NF4 ones on the weights' device, as transformers'
-    BitsAndBytesConfig(load_in_4bit, nf4, double quantization, bf16 compute) loads them; the bf16 weights are freed."""
-    import bitsandbytes as bnb
-
-    for name, linear in list(module.named_modules()):
-        if type(linear) is not torch.nn.Linear:
-            continue
-        quantized = bnb.nn.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            compute_dtype=torch.bfloat16,
-            compress_statistics=True,
-            quant_type="nf4",
-            device="meta",
-        )
-        weight = bnb.nn.Params4bit(
-            linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=quantized
-        )
-        quantized.weight = weight.to(linear.weight.device)  # quantizes
-        quantized.bias = linear.bias
-        module.set_submodule(name, quantized)
 
 
 def weight_bytes(llm) -> int:

@@ -53,6 +53,7 @@ from common import (
     parse_runs,
     pinned,
     print_table,
+    quantize_nf4,
     record,
     record_failure,
     save,
@@ -123,29 +124,6 @@ def make_batches(steps: int, micro: int, vocab: int, seed: int = 0) -> list[dict
     return batches
 
 
-def quantize_nf4(llm) -> None:
-    """Replace the decoder's Linear layers by bitsandbytes NF4 ones (double quantization, bf16 compute), in place."""
-    import bitsandbytes as bnb
-
-    for layer in llm.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, linear in list(parent.named_children()):
-                if not isinstance(linear, torch.nn.Linear):
-                    continue
-                quantized = bnb.nn.Linear4bit(
-                    linear.in_features,
-                    linear.out_features,
-                    bias=False,
-                    compute_dtype=torch.bfloat16,
-                    compress_statistics=True,
-                    quant_type="nf4",
-                )
-                quantized.weight = bnb.nn.Params4bit(
-                    linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
-                )
-                setattr(parent, name, quantized.to(DEVICE))
-
-
 def build_model(quantized: bool, attn: str, smoke: bool) -> AnyMAL:
     from transformers import LlamaForCausalLM
 
@@ -163,7 +141,8 @@ def build_model(quantized: bool, attn: str, smoke: bool) -> AnyMAL:
         llm = LlamaForCausalLM(config).to(torch.bfloat16)
     llm.requires_grad_(False)
     if quantized:
-        quantize_nf4(llm)
+        for layer in llm.model.layers:
+            quantize_nf4(layer)
     llm = add_lora(llm, LoRAConfig())
     resampler = build_resampler(RunConfig().model, CLIP_VIT_L14["hidden_size"], config.hidden_size).to(DEVICE)
     model = AnyMAL(None, resampler, llm, BOS, EOT, PAD, packing=True, max_sequence_tokens=MAX_SEQUENCE_TOKENS)
