@@ -170,3 +170,37 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tiny_models, shards, 
     for plain, ckpt in zip(plain_grads, ckpt_grads, strict=True):
         torch.testing.assert_close(plain, ckpt, rtol=1e-5, atol=1e-7)
     assert GIB == 2**30
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory) -> dict:
+    from families import build_family_models
+
+    return build_family_models(tmp_path_factory.mktemp("plan_family_models"))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_every_supported_family_is_planned(family_models, shards, tmp_path, family, stage):
+    """The trace runs whatever decoder transformers builds for the family (Qwen3's q/k norms, Mistral's window)
+    behind a SigLIP tower; stage 2 counts the LoRA adapters on every projection as trainable state."""
+    from pipeline.model.anymal import build_resampler
+
+    config = load_config(
+        "configs/toy.yaml",
+        [
+            f"run_dir={tmp_path}/run",
+            f"stage={stage}",
+            f"model.llm.model={family_models[family]}",
+            f"model.vision.model={family_models['siglip']}",
+            f"data.sources=[{{shards: '{shards}/*.tar'}}]",
+            "data.val_shards=",
+        ],
+    )
+    planner = planner_for(config)
+    plan = planner.plan(4)
+    assert plan.parts_gib["LLM activations"] > 0 and plan.parts_gib["LLM weights"] > 0
+    assert planner.shapes.layer_bytes_per_token > 0
+    resampler = build_resampler(config.model, 96, planner.shapes.hidden)
+    adapters = planner.shapes.trainable_parameters - sum(p.numel() for p in resampler.parameters())
+    assert (adapters > 0) == (stage == 2)

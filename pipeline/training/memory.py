@@ -207,6 +207,7 @@ def trace_llm_layer(llm_config, lora, training: bool, adapter_dtype: torch.dtype
 def _shapes(config: RunConfig) -> _Shapes:
     from transformers import AutoConfig
 
+    from pipeline.data.features import expected_feature_shape
     from pipeline.model.anymal import build_resampler
     from pipeline.model.vision import TOWERS, tower_family, vision_config_of
 
@@ -221,15 +222,13 @@ def _shapes(config: RunConfig) -> _Shapes:
     llm_weights += layer.outside_weights * dtype_bytes
 
     vision_raw = AutoConfig.from_pretrained(model.vision.model)
-    family = tower_family(vision_raw.model_type)
-    vision_config = vision_config_of(vision_raw)
-    with torch.device("meta"):
-        tower = TOWERS[family]()._from_config(vision_config)
-    # CLIP adds a class token to the patches; SigLIP does not.
-    vision_tokens = (vision_config.image_size // vision_config.patch_size) ** 2 + (family == "clip")
-    vision_width = vision_config.hidden_size
-    runs_tower = config.data.input == "images"
-    vision_weights = sum(p.numel() for p in tower.parameters()) * 2 if runs_tower else 0.0
+    vision_tokens, vision_width = expected_feature_shape(model.vision.model)
+    vision_weights = 0.0
+    if config.data.input == "images":  # cached features need no tower
+        with torch.device("meta"):
+            tower = TOWERS[tower_family(vision_raw.model_type)]()._from_config(vision_config_of(vision_raw))
+        vision_bytes = torch.finfo(getattr(torch, model.vision.dtype)).bits // 8
+        vision_weights = sum(p.numel() for p in tower.parameters()) * vision_bytes
 
     with torch.device("meta"):
         resampler = build_resampler(model, vision_width, llm_config.hidden_size).to(precision)
