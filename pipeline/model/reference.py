@@ -26,21 +26,14 @@ LLAMA3_8B = dict(
     eos_token_id=128009,
 )
 
-# meta-llama/Meta-Llama-3-70B-Instruct, config.json as released: 70.55B parameters, 80 layers, untied embeddings.
+# meta-llama/Meta-Llama-3-70B-Instruct, config.json as released: the 8B's vocabulary, rotary and norm settings at
+# twice the width, twice the heads (the same 8 key/value heads) and 80 layers; 70.55B parameters.
 LLAMA3_70B = dict(
-    vocab_size=128256,
+    LLAMA3_8B,
     hidden_size=8192,
     intermediate_size=28672,
     num_hidden_layers=80,
     num_attention_heads=64,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    hidden_act="silu",
-    tie_word_embeddings=False,
-    bos_token_id=128000,
-    eos_token_id=128009,
     torch_dtype="bfloat16",
 )
 
