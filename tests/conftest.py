@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +15,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 # The venv's ninja first: DeepSpeed rebuilds its op when processes with different ninja versions share the cache.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def single_process_env(**extra: str) -> dict:
+    """This environment for one training process on its own: without a launcher's rank variables (a RANK left over
+    from an outer launcher makes the run wait for peers that never come), with one OpenMP thread (the 2-core CI
+    machine runs the loader's workers beside it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def run_module(module: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` from the repository root in `single_process_env()` (or `env`), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=single_process_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def build_tiny_models(out_dir: Path) -> Path:

@@ -21,30 +21,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import add_member, three_step_overrides, write_caption_shards
+from conftest import add_member, run_module, single_process_env, three_step_overrides, write_caption_shards
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTION = b"a small red circle on a blue background"
 
 
-def clean_env(**extra: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
 def run_train(overrides: list[str], timeout_s: int = 300) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--config", "configs/toy.yaml", *overrides],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
+    proc = run_module("pipeline.train", "--config", "configs/toy.yaml", *overrides, timeout=timeout_s)
     return proc, time.monotonic() - started
 
 
@@ -170,7 +156,7 @@ def start_local_job(models: Path, shards: Path, run_dir: Path) -> subprocess.Pop
     launcher = subprocess.Popen(
         ["bash", "launch/stage1_local.sh", "configs/toy.yaml", *overrides],
         cwd=ROOT,
-        env=clean_env(NPROC="2", MASTER_PORT=str(free_port())),
+        env=single_process_env(NPROC="2", MASTER_PORT=str(free_port())),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -350,7 +336,7 @@ print(json.dumps({{"shape": list(pixels.shape), "seconds": round(seconds, 3), "j
                   "png": png_reason, "png_peak_mb": png_mb, "whole_decode_peak_mb": whole_mb}}))
 """
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], cwd=ROOT, env=single_process_env(), capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -371,7 +357,7 @@ def test_demo_without_java_stops_before_any_work(tmp_path):
     proc = subprocess.run(
         [str(bin_dir / "python"), "-m", "pipeline.demo", "--out", str(out)],
         cwd=ROOT,
-        env={**clean_env(), "PATH": str(bin_dir)},
+        env={**single_process_env(), "PATH": str(bin_dir)},
         capture_output=True,
         text=True,
         timeout=60,

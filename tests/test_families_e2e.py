@@ -4,13 +4,11 @@ of the decoder and Qwen3's chat template, `pipeline.chat` on the result; and tra
 another tower refused with one line before anything loads."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_caption_shards
+from conftest import run_module, write_caption_shards
 from families import build_tiny_llm, build_tiny_siglip
 
 from pipeline.config import VisionConfig
@@ -23,12 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(module: str, *args: str, returncode: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(name, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = run_module(module, *args)
     assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

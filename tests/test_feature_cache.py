@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import add_member, three_step_overrides, write_caption_shards
+from conftest import add_member, run_module, three_step_overrides, write_caption_shards
 
 from pipeline.config import load_config
 from pipeline.data.captions import CaptionDecoder, collate_captions, iterate_eval_batches
@@ -307,17 +307,7 @@ def test_rank_and_world_from_arguments_and_environment():
 def test_stage1_trains_from_cached_features(tiny_models, cached, tmp_path):
     run_dir = tmp_path / "run"
     overrides = three_step_overrides(run_dir, tiny_models, cached, "data.input=features", global_batch=8)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(name, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--config", "configs/toy.yaml", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_module("pipeline.train", "--config", "configs/toy.yaml", *overrides)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

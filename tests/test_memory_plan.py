@@ -3,14 +3,13 @@ not fit (naming the micro batch that would), the plan saved with a run that fits
 command, and activation checkpointing of the frozen LLM, which must not change the loss or the gradients."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import three_step_overrides, write_caption_shards
+from conftest import run_module, three_step_overrides, write_caption_shards
 from transformers import AutoTokenizer
 
 from pipeline.config import load_config
@@ -37,17 +36,7 @@ def planner_for(config, budget=None, world_size=1):
 
 
 def run_train(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--config", "configs/toy.yaml", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("pipeline.train", "--config", "configs/toy.yaml", *args)
 
 
 def test_the_meta_trace_counts_what_a_real_layer_saves():

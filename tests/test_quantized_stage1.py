@@ -3,14 +3,11 @@ gradients are those of the same LLM with its 4-bit weights dequantized to bf16."
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import three_step_overrides, write_caption_shards
+from conftest import run_module, three_step_overrides, write_caption_shards
 from transformers import AutoTokenizer
 
 from pipeline.config import load_config
@@ -29,17 +26,7 @@ def shards(tmp_path_factory) -> Path:
 
 def train(overrides: list[str], resume: Path | None = None) -> None:
     args = ["--resume", str(resume)] if resume else ["--config", "configs/toy.yaml"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(name, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", *args, *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_module("pipeline.train", *args, *overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

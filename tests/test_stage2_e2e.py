@@ -3,12 +3,12 @@ a resumed run reproduces the uninterrupted run's losses, the finished run export
 `python -m pipeline.eval --task vqa` scores it on toy VQA files."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_module
 
 from pipeline.prep.instruct_shards import convert
 from pipeline.toy import instruct, world
@@ -27,12 +27,7 @@ def conversations(tmp_path_factory) -> dict:
 
 
 def run(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(name, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    proc = run_module(module, *args, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

@@ -6,14 +6,11 @@ so that resume must restore the worker rotation as well as the shuffle buffers.
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import add_member, write_caption_shards
+from conftest import add_member, run_module, write_caption_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,17 +65,7 @@ def train(run_dir: Path, models: Path, shards: Path, *extra: str, resume: bool =
             "optim.warmup_steps=2",
         ]
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(name, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", *args, *overrides, *extra],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_module("pipeline.train", *args, *overrides, *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
