@@ -304,9 +304,13 @@ def test_rank_and_world_from_arguments_and_environment():
 
 
 @pytest.mark.slow
-def test_stage1_trains_from_cached_features(tiny_models, cached, tmp_path):
+@pytest.mark.parametrize("weights", ["none", "nf4"])
+def test_stage1_trains_from_cached_features(tiny_models, cached, tmp_path, weights):
+    """Stage 1 on cached features, over the frozen LLM in its dtype or in 4-bit NF4: the tower never loads."""
     run_dir = tmp_path / "run"
-    overrides = three_step_overrides(run_dir, tiny_models, cached, "data.input=features", global_batch=8)
+    overrides = three_step_overrides(
+        run_dir, tiny_models, cached, "data.input=features", f"model.llm.quantization={weights}", global_batch=8
+    )
     proc = run_module("pipeline.train", "--config", "configs/toy.yaml", *overrides)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
@@ -314,6 +318,7 @@ def test_stage1_trains_from_cached_features(tiny_models, cached, tmp_path):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
     assert "LLM " in output and "vision tower" not in output  # the LLM was logged loading; the tower never loaded
+    assert ("nf4 weights" in output) == (weights == "nf4")
     assert (run_dir / "export" / "resampler.safetensors").is_file()
 
 
