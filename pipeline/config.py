@@ -64,7 +64,8 @@ class LLMConfig:
     # larger LLM.
     quantization: str = "none"
     # Keep only each decoder layer's input through the forward and recompute the layer in the backward: the frozen
-    # LLM's activations shrink ~15x (8B: from ~120 KB to 8 KB per token and layer) for a third more LLM compute.
+    # LLM's activations shrink 12-33x (8B: from 100-270 KB to 8 KB per token and layer), and the forward runs twice:
+    # half again the frozen LLM's compute, whose backward computes no weight gradients.
     # For a card whose memory would otherwise force a tiny micro batch (docs/memory.md).
     activation_checkpointing: bool = False
 

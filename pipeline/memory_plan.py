@@ -12,16 +12,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tarfile
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.shards import DataError
 
 
+def positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/stage1_70b.yaml")
-    parser.add_argument("--gpu-memory-gib", type=float, help="memory per GPU (default: train.gpu_memory_gib)")
-    parser.add_argument("--gpus", type=int, default=1, help="ranks the global batch is split over [1]")
+    parser.add_argument("--gpu-memory-gib", type=positive(float), help="memory per GPU (default: train.gpu_memory_gib)")
+    parser.add_argument("--gpus", type=positive(int), default=1, help="ranks the global batch is split over [1]")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.micro_batch_size=16")
     args = parser.parse_args(argv)
     try:
@@ -34,7 +45,8 @@ def main(argv=None) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(config.model.llm.model)
         planner = MemoryPlanner(config, tokenizer, args.gpus, config.train.gpu_memory_gib)
-    except (ConfigError, DataError, OSError) as err:
+    # ValueError: a backbone family the pipeline does not load; TarError: a damaged first shard.
+    except (ConfigError, DataError, OSError, ValueError, tarfile.TarError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     plan = planner.plan(config.train.micro_batch_size)

@@ -154,8 +154,10 @@ def main(argv=None, stage: int = 1) -> int:
     args = parse_args(argv)
     # Packed micro batches differ in length at every step; with fixed-size segments the caching allocator fragments
     # until a run that fits by its plan runs out of memory (the 70B at micro 64 on an H200), and growable segments
-    # cost nothing measurable (docs/memory.md). Set before anything touches CUDA; a user's own setting wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # cost nothing measurable (docs/memory.md). Set before anything touches CUDA; a user's own setting, under either
+    # of the names PyTorch reads, wins.
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     dist_env = read_dist_env()
     try:
         config = resolve_config(args)

@@ -193,3 +193,33 @@ def test_every_supported_family_is_planned(family_models, shards, tmp_path, fami
     resampler = build_resampler(config.model, 96, planner.shapes.hidden)
     adapters = planner.shapes.trainable_parameters - sum(p.numel() for p in resampler.parameters())
     assert (adapters > 0) == (stage == 2)
+
+
+def test_a_damaged_first_shard_plans_from_the_samples_before_the_damage(tiny_models, shards, tmp_path):
+    """A tar cut short: the plan keeps the lengths it read (as the loader keeps the records before the damage)."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    data = (shards / "00000.tar").read_bytes()
+    (damaged / "00000.tar").write_bytes(data[: len(data) // 2 + 100])
+    config = load_config(
+        "configs/toy.yaml", three_step_overrides(tmp_path / "run", tiny_models, damaged, "train.global_batch_size=16")
+    )
+    plan = planner_for(config).plan(4)
+    assert plan.lengths_from.startswith("lengths of ") and not plan.lengths_from.startswith("lengths of 16 ")
+
+
+def test_unknown_data_lengths_only_warn(tiny_models, tmp_path, caplog):
+    """Shards that cannot be read where the run starts: the plan assumes the longest samples, says so, and lets the run
+    go on however small the budget, instead of refusing runs that may well fit."""
+    from pipeline.training.memory import LENGTHS_UNKNOWN, check_memory
+
+    overrides = three_step_overrides(
+        tmp_path / "run", tiny_models, tmp_path, "train.gpu_memory_gib=1e-6", "train.distributed_backend=gloo"
+    )
+    overrides = [o for o in overrides if not o.startswith("data.sources")]
+    config = load_config("configs/toy.yaml", [*overrides, "data.sources=[{shards: 'pipe:exit 1'}]"])
+    tokenizer = AutoTokenizer.from_pretrained(config.model.llm.model)
+    with caplog.at_level("WARNING"):
+        plan = check_memory(config, tokenizer, world_size=1, local_rank=0)
+    assert not plan.fits and plan.lengths_from.startswith(LENGTHS_UNKNOWN)
+    assert "the data's lengths are unknown, so the run goes on" in caplog.text

@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 
 GIB = 2**30
 SAMPLED_RECORDS = 256
-# NF4 with double quantisation: 4 bits per weight, an 8-bit scale per 64 weights, and an fp32 scale and offset per
-# 256 of those scales.
-NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 8 / (64 * 256)
+# NF4 with double quantisation: 4 bits per weight, an 8-bit scale per 64 weights, and an fp32 scale per 256 of those
+# scales (plus one offset per tensor).
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 # Workspaces of cuBLAS and the attention kernels, compiled kernels' buffers and the allocator's rounding.
 ALLOWANCE_GIB = 1.0
 FRAGMENTATION = 0.05
@@ -48,6 +48,11 @@ HEADROOM = 0.92
 # fp32 copy exist at once, beside the fp32 log-probabilities every chunk keeps for the backward.
 LOGIT_CHUNK_TOKENS = 4096
 TRACE_ATTENTION = "memory_trace"
+# The plan's note when the data could not be read: it then assumes every sample at its maximum length, several times
+# what LLaVA-like conversations hold, and only warns instead of stopping the run.
+LENGTHS_UNKNOWN = "data lengths unknown"
+# Attention kernels that keep no [T, T] scores for the backward, as the trace assumes.
+FLASH_LIKE_ATTENTION = ("varlen", "flex_attention", "flash_attention_2")
 # What a real layer keeps per token against the meta-device trace, measured on an H200 for LLaMA-3-8B and -70B shapes,
 # bf16 and NF4, with and without LoRA (benchmarks/layer_memory.py, benchmarks/results/layer_memory_h200.json): eager
 # layers keep 0.91-1.10x the trace (the varlen kernel's buffers), compiled ones 0.70-0.73x (inductor recomputes
@@ -162,15 +167,17 @@ def one_layer_config(llm_config):
     return one_layer
 
 
-def trace_llm_layer(llm_config, lora, training: bool, adapter_dtype: torch.dtype = torch.bfloat16) -> _LayerTrace:
+def trace_llm_layer(
+    llm_config, lora, training: bool, adapter_dtype: torch.dtype = torch.bfloat16, dtype: torch.dtype = torch.bfloat16
+) -> _LayerTrace:
     """A one-layer model of the LLM's shapes (with stage 2's adapters when `lora` is given) on the meta device, and
     the bytes its layer keeps per token in the mode training runs it in (`training`: LoRA's dropout masks). The
-    adapters are in `adapter_dtype`, as DeepSpeed's bf16 engine holds them."""
+    adapters are in `adapter_dtype`, as DeepSpeed's bf16 engine holds them; the layer computes in `dtype`."""
     from transformers import AttentionInterface, AutoModelForCausalLM
 
     AttentionInterface.register(TRACE_ATTENTION, _traced_attention)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(one_layer_config(llm_config), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(one_layer_config(llm_config), dtype=dtype)
         model.requires_grad_(False)
         if lora is not None:
             from pipeline.model.lora import add_lora
@@ -184,7 +191,7 @@ def trace_llm_layer(llm_config, lora, training: bool, adapter_dtype: torch.dtype
     layer = decoder.layers[0]
 
     def run(tokens: int):
-        states = torch.empty(1, tokens, llm_config.hidden_size, device="meta", dtype=torch.bfloat16)
+        states = torch.empty(1, tokens, llm_config.hidden_size, device="meta", dtype=dtype)
         states.requires_grad_(True)
         positions = torch.arange(tokens, device="meta")[None]
         out = layer(states, position_ids=positions, position_embeddings=decoder.rotary_emb(states, positions))
@@ -214,9 +221,11 @@ def _shapes(config: RunConfig) -> _Shapes:
     model = config.model
     llm_config = AutoConfig.from_pretrained(model.llm.model)
     precision = getattr(torch, config.train.precision)
-    layer = trace_llm_layer(llm_config, model.lora if config.stage == 2 else None, config.stage == 2, precision)
+    llm_dtype = getattr(torch, model.llm.dtype)
+    lora = model.lora if config.stage == 2 else None
+    layer = trace_llm_layer(llm_config, lora, config.stage == 2, precision, llm_dtype)
     layers = llm_config.num_hidden_layers
-    dtype_bytes = torch.finfo(getattr(torch, model.llm.dtype)).bits // 8
+    dtype_bytes = torch.finfo(llm_dtype).bits // 8
     linear_bytes = NF4_BYTES_PER_WEIGHT if model.llm.quantization == "nf4" else dtype_bytes
     llm_weights = layers * (layer.linear_weights * linear_bytes + layer.other_weights * dtype_bytes)
     llm_weights += layer.outside_weights * dtype_bytes
@@ -242,7 +251,7 @@ def _shapes(config: RunConfig) -> _Shapes:
         trainable_parameters=sum(p.numel() for p in resampler.parameters()) + layer.adapter_parameters * layers,
         layers=layers,
         layer_bytes_per_token=layer.bytes_per_token,
-        layer_input_bytes_per_token=llm_config.hidden_size * 2,
+        layer_input_bytes_per_token=llm_config.hidden_size * dtype_bytes,
         resampler_bytes_per_sample=_per_unit(resample, 1, 2),
         vision_bytes_per_sample=vision_tokens * vision_width * torch.finfo(precision).bits // 8,
         vocab=llm_config.vocab_size,
@@ -251,21 +260,20 @@ def _shapes(config: RunConfig) -> _Shapes:
 
 
 def sample_lengths(config: RunConfig, tokenizer) -> tuple[list[int], list[int], str]:
-    """(LLM tokens, supervised tokens) per sample of up to `SAMPLED_RECORDS` records of the first training shard,
-    tokenized as training does, and a word on where they came from. Falls back to the configured maxima when the shard
-    cannot be read here (a remote URL) or holds nothing usable."""
-    from pipeline.data.shards import DataError, expand_shards, is_remote, iter_shard_records
+    """(LLM tokens, supervised tokens) per sample of up to `SAMPLED_RECORDS` records of the first training shard (local
+    or remote), tokenized as training does, and a word on where they came from. A shard that breaks off keeps the
+    lengths read before the break (the loader skips such a tar the same way); a shard that cannot be read at all, or
+    holds nothing usable, leaves the configured maxima, which `LENGTHS_UNKNOWN` marks."""
+    from pipeline.data.shards import expand_shards, iter_shard_records
 
     latents = config.model.resampler.num_latents
-    spec = config.data.sources[0].shards
     tokens, supervised = [], []
+    shard = ""
+    encode = _caption_lengths if config.stage == 1 else _conversation_lengths
     try:
-        shards = [] if is_remote(spec) else expand_shards(spec, "data.sources[0].shards")
-    except DataError:  # planning a run whose data is elsewhere (python -m pipeline.memory_plan)
-        shards = []
-    if shards:
-        shard = shards[0]
-        encode = _caption_lengths if config.stage == 1 else _conversation_lengths
+        shard = expand_shards(
+            config.data.sources[0].shards, "data.sources[0].shards", config.data.allow_missing_shards
+        )[0]
         for _, members in iter_shard_records(shard):
             try:
                 total, learned = encode(config, tokenizer, members)
@@ -275,13 +283,15 @@ def sample_lengths(config: RunConfig, tokenizer) -> tuple[list[int], list[int], 
             supervised.append(learned)
             if len(tokens) == SAMPLED_RECORDS:
                 break
+    except Exception as error:  # planning a run whose data is elsewhere, unreachable here, or damaged
+        log.info("memory plan: read %d samples of the first shard (%s), then %s", len(tokens), shard, error)
     if tokens:
         return tokens, supervised, f"lengths of {len(tokens)} samples of {Path(shard).name}"
     if config.stage == 1:
         longest = config.model.max_caption_tokens
-        return [1 + latents + longest], [longest], "longest captions"
+        return [1 + latents + longest], [longest], f"{LENGTHS_UNKNOWN}: every caption at its longest"
     longest = config.model.max_sequence_tokens
-    return [longest], [(longest - latents) // 2], "longest conversations"
+    return [longest], [(longest - latents) // 2], f"{LENGTHS_UNKNOWN}: every conversation at its longest"
 
 
 def _caption_lengths(config: RunConfig, tokenizer, members: dict[str, bytes]) -> tuple[int, int]:
@@ -323,7 +333,8 @@ class MemoryPlanner:
 
     def plan(self, micro: int) -> MemoryPlan:
         s, llm = self.shapes, self.config.model.llm
-        tokens = _micro_batch_total(self.tokens, micro)
+        # Padded rows (model.packing=false) hold every sample at the longest one's length.
+        tokens = _micro_batch_total(self.tokens, micro) if self.config.model.packing else micro * max(self.tokens)
         supervised = _micro_batch_total(self.supervised, micro)
         per_layer = s.layer_bytes_per_token * (COMPILED_LAYER_FRACTION if llm.compile_layers else EAGER_LAYER_FRACTION)
         if llm.activation_checkpointing:
@@ -333,7 +344,7 @@ class MemoryPlanner:
             # All layers' activations, and one layer's gradients in the backward.
             layers = s.layers * per_layer * tokens + per_layer * tokens
         # Embeddings in and the final norm out, and their gradients.
-        layers += 4 * s.hidden * 2 * tokens
+        layers += 4 * s.layer_input_bytes_per_token * tokens
         logits = supervised * s.vocab * 4 + min(supervised, LOGIT_CHUNK_TOKENS) * s.vocab * (2 + 4)
         resampler = micro * (s.resampler_bytes_per_sample + s.vision_bytes_per_sample)
         # bf16 weights, gradients and DeepSpeed's gradient buckets; fp32 master weights, gradients, Adam's two moments,
@@ -389,11 +400,22 @@ def cap_process_memory(config: RunConfig, device: torch.device) -> None:
 
 
 def check_memory(config: RunConfig, tokenizer, world_size: int, local_rank: int) -> MemoryPlan:
-    """The run's plan; `ConfigError` (one line naming the micro batch that fits) when it would not fit and
-    train.memory_check is on."""
+    """The run's plan; `ConfigError` (one line naming the micro batch that fits) when it would not fit,
+    train.memory_check is on and the plan rests on the data's own lengths. A plan made without them only warns: it
+    assumes every sample at its longest and would refuse runs that fit."""
     planner = MemoryPlanner(config, tokenizer, world_size, gpu_budget_gib(config, local_rank))
     plan = planner.plan(config.train.micro_batch_size)
+    if config.model.llm.attn_implementation not in FLASH_LIKE_ATTENTION:
+        log.warning(
+            "memory plan: model.llm.attn_implementation=%s keeps attention scores the plan does not count; it is low",
+            config.model.llm.attn_implementation,
+        )
     if plan.fits or not config.train.memory_check:
+        return plan
+    if plan.lengths_from.startswith(LENGTHS_UNKNOWN):
+        log.warning(
+            "memory plan: %s; it may not fit, but the data's lengths are unknown, so the run goes on", plan.describe()
+        )
         return plan
     micro = planner.largest_fitting_micro_batch()
     global_batch = config.train.global_batch_size
