@@ -33,12 +33,13 @@ class CaptionSampleDecoder:
     # Members that carry the image half, in order of preference; the first one present is decoded.
     image_members: tuple[str, ...] = ()
 
-    def __init__(self, tokenizer_path: str, max_caption_tokens: int):
+    def __init__(self, tokenizer_path: str, max_caption_tokens: int, tokenizer=None):
+        """`tokenizer`: the one loaded from `tokenizer_path` already, where the caller has it (pickling drops it)."""
         if max_caption_tokens < 1:
             raise ValueError(f"max_caption_tokens must be at least 1 (room for EOS), got {max_caption_tokens}")
         self.tokenizer_path = tokenizer_path
         self.max_caption_tokens = max_caption_tokens
-        self._tokenizer = None
+        self._tokenizer = tokenizer
 
     def __getstate__(self) -> dict:
         # Loaded objects stay behind: each worker loads its own on first use.

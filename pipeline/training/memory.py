@@ -19,6 +19,7 @@ measured peaks: docs/memory.md.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -265,19 +266,27 @@ def sample_lengths(config: RunConfig, tokenizer) -> tuple[list[int], list[int], 
     lengths read before the break (the loader skips such a tar the same way); a shard that cannot be read at all, or
     holds nothing usable, leaves the configured maxima, which `LENGTHS_UNKNOWN` marks."""
     from pipeline.data.shards import expand_shards, iter_shard_records
+    from pipeline.data.skips import SkipSample
 
     latents = config.model.resampler.num_latents
     tokens, supervised = [], []
     shard = ""
-    encode = _caption_lengths if config.stage == 1 else _conversation_lengths
+    if config.stage == 1:
+        from pipeline.data.captions import CaptionSampleDecoder
+
+        # Training's own caption encoding (truncation, EOS), with the tokenizer loaded already.
+        decoder = CaptionSampleDecoder(config.model.llm.model, config.model.max_caption_tokens, tokenizer=tokenizer)
+        encode = functools.partial(_caption_lengths, config, decoder)
+    else:
+        encode = functools.partial(_conversation_lengths, config, tokenizer)
     try:
         shard = expand_shards(
             config.data.sources[0].shards, "data.sources[0].shards", config.data.allow_missing_shards
         )[0]
         for _, members in iter_shard_records(shard):
             try:
-                total, learned = encode(config, tokenizer, members)
-            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+                total, learned = encode(members)
+            except (SkipSample, ValueError, KeyError, TypeError, AttributeError):
                 continue  # a sample training would skip
             tokens.append(total)
             supervised.append(learned)
@@ -294,13 +303,11 @@ def sample_lengths(config: RunConfig, tokenizer) -> tuple[list[int], list[int], 
     return [longest], [(longest - latents) // 2], f"{LENGTHS_UNKNOWN}: every conversation at its longest"
 
 
-def _caption_lengths(config: RunConfig, tokenizer, members: dict[str, bytes]) -> tuple[int, int]:
-    caption = members["txt"].decode("utf-8").strip()
-    if not caption:
-        raise ValueError("empty caption")
-    ids = tokenizer(caption, add_special_tokens=False, split_special_tokens=True).input_ids
-    learned = min(len(ids), config.model.max_caption_tokens - 1) + 1  # the caption, cut to leave room for EOS
-    bos = 0 if tokenizer.bos_token_id is None else 1
+def _caption_lengths(config: RunConfig, decoder, members: dict[str, bytes]) -> tuple[int, int]:
+    from pipeline.data.captions import CAPTION_MEMBER
+
+    learned = len(decoder.encode_caption(members[CAPTION_MEMBER]))  # the caption and its EOS
+    bos = 0 if decoder.tokenizer.bos_token_id is None else 1
     return bos + config.model.resampler.num_latents + learned, learned
 
 
